@@ -1,0 +1,279 @@
+"""A dataset folder: `metadata.csv` or `metadata.jsonl` beside the files it names.
+
+Every check reports the row, column and file at fault. `DatasetFolder` raises `DatasetError` at once for
+problems with the table itself (missing file, missing column, empty table) and collects per-row problems
+in `scan`, so that `medaug inspect` can list all of them in one pass.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medaug.data.loading import ImageReadError, image_format, read_array
+
+SPLITS = ("train", "val", "test")
+REQUIRED_COLUMNS = ("file_name",)
+IMAGE_COLUMNS = ("file_name", "mask_file_name", "conditioning_image_file_name")
+PATH_COLUMNS = IMAGE_COLUMNS + ("embedding_file_name",)
+METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a dataset folder, located as precisely as possible."""
+
+    message: str
+    row: int | None = None  # 1-based data row of the metadata table
+    column: str | None = None
+    file: str | None = None
+
+    def __str__(self) -> str:
+        where = []
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        if self.column is not None:
+            where.append(f"column '{self.column}'")
+        if self.file is not None:
+            where.append(str(self.file))
+        return f"{', '.join(where)}: {self.message}" if where else self.message
+
+
+class DatasetError(ValueError):
+    """A dataset folder is unusable; `problems` lists every reason found."""
+
+    def __init__(self, source: str | Path, problems: list[Problem]):
+        self.source = str(source)
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        super().__init__(f"{self.source}: {len(self.problems)} problem(s)\n{lines}")
+
+
+@dataclass
+class RowStats:
+    """What reading one row's files found out, for the summary."""
+
+    height: int
+    width: int
+    channels: int
+    dtype: str
+    mask_coverage: float | None = None
+
+
+@dataclass
+class ScanResult:
+    problems: list[Problem] = field(default_factory=list)
+    stats: dict[int, RowStats] = field(default_factory=dict)
+
+
+def read_metadata(root: str | Path) -> tuple[pd.DataFrame, Path]:
+    """Read the metadata table of a dataset folder with every cell as a string ('' where empty)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(root, [Problem("dataset folder not found")])
+    present = [root / name for name in METADATA_NAMES if (root / name).is_file()]
+    if not present:
+        raise DatasetError(root, [Problem(f"no {' or '.join(METADATA_NAMES)} in the folder")])
+    if len(present) > 1:
+        raise DatasetError(root, [Problem("both metadata.csv and metadata.jsonl exist; keep one")])
+    path = present[0]
+    try:
+        if path.suffix == ".csv":
+            table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        else:
+            table = pd.read_json(path, lines=True, dtype=False)
+            table = table.astype(object).where(table.notna(), "").astype(str)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise DatasetError(path, [Problem(f"cannot parse the table: {error}")]) from error
+    table.columns = [str(column).strip() for column in table.columns]
+    return table.reset_index(drop=True), path
+
+
+class DatasetFolder:
+    """The rows of a dataset folder, with paths resolved safely inside it."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.table, self.metadata_path = read_metadata(self.root)
+        missing = [column for column in REQUIRED_COLUMNS if column not in self.table.columns]
+        if missing:
+            raise DatasetError(
+                self.metadata_path,
+                [Problem(f"required column is missing (columns: {', '.join(self.table.columns)})", column=c)
+                 for c in missing],
+            )
+        if len(self.table) == 0:
+            raise DatasetError(self.metadata_path, [Problem("the table has no rows: the dataset is empty")])
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __repr__(self) -> str:
+        return f"DatasetFolder({str(self.root)!r}, rows={len(self)})"
+
+    def has_column(self, column: str) -> bool:
+        return column in self.table.columns
+
+    def value(self, index: int, column: str) -> str:
+        """The row's cell as a stripped string; '' where the column is absent or empty."""
+        if column not in self.table.columns:
+            return ""
+        return str(self.table.at[index, column]).strip()
+
+    def split(self, index: int) -> str:
+        """The row's split; a table without a `split` column is all training data."""
+        return self.value(index, "split").lower() if self.has_column("split") else "train"
+
+    def indices(self, split: str | None = None) -> list[int]:
+        """Row indices of one split (or all rows), raising if that split has no rows."""
+        if split is not None and split not in SPLITS:
+            raise DatasetError(self.metadata_path, [Problem(f"unknown split '{split}'; expected one of {SPLITS}")])
+        chosen = [i for i in range(len(self)) if split is None or self.split(i) == split]
+        if not chosen:
+            raise DatasetError(self.metadata_path, [Problem(f"split '{split}' has no rows", column="split")])
+        return chosen
+
+    def slice_index(self, index: int) -> int | None:
+        raw = self.value(index, "slice_index")
+        if not raw:
+            return None
+        try:
+            return int(float(raw))
+        except ValueError:
+            raise DatasetError(
+                self.metadata_path,
+                [Problem(f"'{raw}' is not an integer slice index", row=index + 1, column="slice_index")],
+            ) from None
+
+    def path(self, index: int, column: str) -> Path | None:
+        """Absolute path named by a row's column, or None if empty; raises if it leaves the folder."""
+        relative = self.value(index, column)
+        if not relative:
+            return None
+        problem = self._path_problem(index, column, relative)
+        if problem is not None:
+            raise DatasetError(self.metadata_path, [problem])
+        return (self.root / relative).resolve()
+
+    def _path_problem(self, index: int, column: str, relative: str) -> Problem | None:
+        location = {"row": index + 1, "column": column, "file": relative}
+        if Path(relative).is_absolute() or relative.startswith(("/", "\\")):
+            return Problem("absolute path; paths must be relative to the dataset folder", **location)
+        if not (self.root / relative).resolve().is_relative_to(self.root):
+            return Problem("path leaves the dataset folder", **location)
+        return None
+
+    def scan(
+        self,
+        split: str | None = None,
+        read_images: bool = True,
+        progress: Callable[[int], None] | None = None,
+    ) -> ScanResult:
+        """Check every row (of one split, or all) and collect problems and per-row statistics."""
+        result = ScanResult()
+        result.problems.extend(self._table_problems())
+        rows = range(len(self)) if split is None else [i for i in range(len(self)) if self.split(i) == split]
+        if split is not None and not rows:
+            result.problems.append(Problem(f"split '{split}' has no rows", column="split"))
+        for index in rows:
+            problems, stats = self._scan_row(index, read_images)
+            result.problems.extend(problems)
+            if stats is not None:
+                result.stats[index] = stats
+            if progress is not None:
+                progress(1)
+        return result
+
+    def check(self, split: str | None = None, read_images: bool = True) -> ScanResult:
+        """`scan`, raising `DatasetError` listing every problem if there is any."""
+        result = self.scan(split, read_images)
+        if result.problems:
+            raise DatasetError(self.metadata_path, result.problems)
+        return result
+
+    def _table_problems(self) -> list[Problem]:
+        problems = []
+        if self.has_column("split"):
+            for index in range(len(self)):
+                value = self.split(index)
+                if value not in SPLITS:
+                    shown = value or "(empty)"
+                    problems.append(
+                        Problem(f"unknown split '{shown}'; expected one of {', '.join(SPLITS)}",
+                                row=index + 1, column="split", file=self.value(index, "file_name") or None)
+                    )
+        keys = Counter((self.value(i, "file_name"), self.value(i, "slice_index")) for i in range(len(self)))
+        for (name, slice_value), count in keys.items():
+            if name and count > 1:
+                where = f" slice {slice_value}" if slice_value else ""
+                problems.append(Problem(f"listed {count} times{where}", column="file_name", file=name))
+        return problems
+
+    def _scan_row(self, index: int, read_images: bool) -> tuple[list[Problem], RowStats | None]:
+        problems: list[Problem] = []
+        if not self.value(index, "file_name"):
+            problems.append(Problem("empty file name", row=index + 1, column="file_name"))
+        paths = {}
+        for column in PATH_COLUMNS:
+            relative = self.value(index, column)
+            if not relative:
+                continue
+            problem = self._path_problem(index, column, relative)
+            if problem is None and not (self.root / relative).is_file():
+                problem = Problem("file not found", row=index + 1, column=column, file=relative)
+            if problem is None and column in IMAGE_COLUMNS:
+                problem = self._format_problem(index, column, relative)
+            if problem is not None:
+                problems.append(problem)
+            else:
+                paths[column] = self.root / relative
+        if not read_images or "file_name" not in paths:
+            return problems, None
+        try:
+            slice_index = self.slice_index(index)
+        except DatasetError as error:
+            return problems + error.problems, None
+        return self._read_row(index, paths, slice_index, problems)
+
+    def _format_problem(self, index: int, column: str, relative: str) -> Problem | None:
+        try:
+            image_format(self.root / relative)
+        except ImageReadError as error:
+            return Problem(str(error).split(": ", 1)[-1], row=index + 1, column=column, file=relative)
+        return None
+
+    def _read_row(
+        self, index: int, paths: dict[str, Path], slice_index: int | None, problems: list[Problem]
+    ) -> tuple[list[Problem], RowStats | None]:
+        arrays = {}
+        for column, path in paths.items():
+            if column not in IMAGE_COLUMNS:
+                continue
+            try:
+                arrays[column] = read_array(path, slice_index)
+            except ImageReadError as error:
+                message = str(error).split(": ", 1)[-1]
+                problems.append(Problem(message, row=index + 1, column=column, file=self.value(index, column)))
+        image = arrays.get("file_name")
+        if image is None:
+            return problems, None
+        for column in ("mask_file_name", "conditioning_image_file_name"):
+            other = arrays.get(column)
+            if other is not None and other.shape[:2] != image.shape[:2]:
+                problems.append(Problem(
+                    f"size {other.shape[1]}x{other.shape[0]} differs from its image's "
+                    f"{image.shape[1]}x{image.shape[0]} (width x height)",
+                    row=index + 1, column=column, file=self.value(index, column),
+                ))
+        mask = arrays.get("mask_file_name")
+        coverage = None
+        if mask is not None:
+            foreground = mask.max(axis=2) > 0 if mask.ndim == 3 else mask > 0
+            coverage = float(np.mean(foreground))
+        channels = 1 if image.ndim == 2 else int(image.shape[2])
+        return problems, RowStats(int(image.shape[0]), int(image.shape[1]), channels, str(image.dtype), coverage)

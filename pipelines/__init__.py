@@ -1,0 +1,1 @@
+"""diffusers pipelines that load a medaug output folder (installed as `medaug.pipelines`)."""
