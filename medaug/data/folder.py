@@ -7,7 +7,6 @@ in `scan`, so that `medaug inspect` can list all of them in one pass.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,11 +206,15 @@ class DatasetFolder:
                         Problem(f"unknown split '{shown}'; expected one of {', '.join(SPLITS)}",
                                 row=index + 1, column="split", file=self.value(index, "file_name") or None)
                     )
-        keys = Counter((self.value(i, "file_name"), self.value(i, "slice_index")) for i in range(len(self)))
-        for (name, slice_value), count in keys.items():
-            if name and count > 1:
-                where = f" slice {slice_value}" if slice_value else ""
-                problems.append(Problem(f"listed {count} times{where}", column="file_name", file=name))
+        rows_by_key: dict[tuple[str, str], list[int]] = {}
+        for index in range(len(self)):
+            key = (self.value(index, "file_name"), self.value(index, "slice_index"))
+            rows_by_key.setdefault(key, []).append(index)
+        for (name, slice_value), indices in rows_by_key.items():
+            if name and len(indices) > 1:
+                listed = ", ".join(f"row {i + 1} ({self.split(i) or 'no split'})" for i in indices)
+                where = f" with slice_index {slice_value}" if slice_value else ""
+                problems.append(Problem(f"listed {len(indices)} times{where}: {listed}", column="file_name", file=name))
         return problems
 
     def _scan_row(self, index: int, read_images: bool) -> tuple[list[Problem], RowStats | None]:

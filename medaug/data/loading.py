@@ -70,6 +70,8 @@ def read_array(path: str | Path, slice_index: int | None = None) -> np.ndarray:
 def _read_raster(path: Path) -> np.ndarray:
     from PIL import Image
 
+    if _is_16bit_colour_png(path):
+        return _read_with_opencv(path)  # Pillow reduces 16-bit colour PNGs to 8 bits
     with Image.open(path) as image:
         image.load()  # decode fully now, so a truncated file fails here and not later
         if image.mode == "P":
@@ -80,6 +82,23 @@ def _read_raster(path: Path) -> np.ndarray:
     if array.dtype == np.int32 and array.size and array.min() >= 0 and array.max() <= 65535:
         array = array.astype(np.uint16)  # Pillow widens some 16-bit files to mode "I"
     return array
+
+
+def _is_16bit_colour_png(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        header = handle.read(26)
+    is_png = header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR"
+    return is_png and header[24] == 16 and header[25] in (2, 6)  # bit depth 16; RGB or RGBA
+
+
+def _read_with_opencv(path: Path) -> np.ndarray:
+    import cv2
+
+    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise ImageReadError(f"{path}: cannot decode image")
+    code = cv2.COLOR_BGRA2RGBA if array.shape[2] == 4 else cv2.COLOR_BGR2RGB
+    return cv2.cvtColor(array, code)
 
 
 def _read_dicom(path: Path, slice_index: int | None) -> np.ndarray:
@@ -97,6 +116,10 @@ def _read_dicom(path: Path, slice_index: int | None) -> np.ndarray:
     if frames > 1:
         pixels = pixels[_pick_slice(path, slice_index, frames)]
     photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2"))
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        return apply_color_lut(pixels, dataset)
     if not photometric.startswith("MONOCHROME"):
         return pixels  # colour (e.g. ultrasound RGB); pydicom already converted YBR to RGB
     values = apply_modality_lut(pixels, dataset)
