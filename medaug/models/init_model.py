@@ -209,8 +209,9 @@ def init_model(
         "parameters": {name: count_parameters(model) for name, model in components.items()},
         "sizes": asdict(sizes),
     }
-    (output_dir / "medaug_model.json").write_text(json.dumps(description, indent=2) + "\n")
-    return description
+    text = json.dumps(description, indent=2)
+    (output_dir / "medaug_model.json").write_text(text + "\n")
+    return json.loads(text)
 
 
 def _prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
