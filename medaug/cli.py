@@ -150,13 +150,14 @@ def phantom_command(
     output_dir: Annotated[Path, typer.Option("--output_dir", help="Folder to write the dataset into.")],
     num_images: Annotated[int, typer.Option("--num_images", min=2, help="How many images to make.")] = 40,
     size: Annotated[int, typer.Option("--size", min=32, help="Image side in pixels.")] = 96,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for shapes, places and speckle.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write over a dataset already there.")] = False,
 ) -> None:
     """Write a small ultrasound-like phantom dataset (images, lesion masks, metadata.csv); no downloads."""
     from medaug.data import make_phantom_dataset
 
-    if (output_dir / "metadata.csv").exists():
-        fail(f"--output_dir: {output_dir} already holds a dataset; choose another folder")
+    if (output_dir / "metadata.csv").exists() and not overwrite:
+        fail(f"--output_dir: {output_dir} already holds a dataset; choose another folder or pass --overwrite")
     make_phantom_dataset(output_dir, num_images=num_images, size=size, seed=seed)
     console.print(f"wrote {num_images} phantom images with masks to {output_dir}")
 

@@ -1,0 +1,98 @@
+"""The `medaug` command: help on every subcommand, env, inspect's exit codes, init-model, phantom."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from medaug.cli import app
+
+runner = CliRunner()
+SUBCOMMANDS = {
+    "env": ["--json"],
+    "inspect": ["--split", "--skip_images", "--json"],
+    "init-model": ["--output_dir", "--preset", "--prompts_from", "--seed", "--overwrite"],
+    "phantom": ["--output_dir", "--num_images", "--size", "--seed", "--overwrite"],
+}
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+def test_every_registered_subcommand_is_covered_here():
+    registered = {command.name for command in app.registered_commands}
+    assert registered == set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
+def test_help_lists_each_flag(name):
+    result = invoke(name, "--help")
+    assert result.exit_code == 0, result.output
+    for flag in SUBCOMMANDS[name]:
+        assert flag in result.output
+
+
+def test_env_reports_versions_and_accelerators():
+    result = invoke("env", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    for package in ("torch", "diffusers", "transformers", "peft", "accelerate", "monai"):
+        assert report["packages"][package], package
+    assert isinstance(report["cuda_available"], bool) and isinstance(report["xformers_installed"], bool)
+
+
+def test_inspect_summarises_a_clean_folder(phantom_dir):
+    result = invoke("inspect", phantom_dir, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["rows"] == 20 and summary["with_mask"] == 20 and summary["problems"] == []
+    assert summary["splits"] == {"train": 14, "val": 2, "test": 4}
+    assert set(summary["labels"]) == {"round", "irregular"}
+    assert 0.01 < summary["mask_coverage"]["mean"] < 0.2
+
+
+def test_inspect_lists_a_corrupt_png_and_a_wrong_size_mask(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.full((24, 32), 90, dtype=np.uint8)).save(tmp_path / "images" / f"{name}.png")
+        Image.fromarray(np.zeros((24, 32), dtype=np.uint8)).save(tmp_path / "masks" / f"{name}.png")
+    (tmp_path / "images" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    Image.fromarray(np.zeros((10, 32), dtype=np.uint8)).save(tmp_path / "masks" / "c.png")
+    pd.DataFrame({"file_name": [f"images/{n}.png" for n in "abc"],
+                  "mask_file_name": [f"masks/{n}.png" for n in "abc"]}).to_csv(tmp_path / "metadata.csv", index=False)
+    result = invoke("inspect", tmp_path)
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())  # undo terminal wrapping
+    assert "2 problem(s)" in output
+    assert "row 2, column 'file_name', images/b.png: cannot read image" in output
+    assert "row 3, column 'mask_file_name', masks/c.png: size 32x10 differs" in output
+
+
+def test_inspect_names_a_missing_folder(tmp_path):
+    result = invoke("inspect", tmp_path / "nowhere")
+    assert result.exit_code == 2
+    assert "nowhere: 1 problem(s)" in " ".join(result.output.split())
+
+
+def test_phantom_then_init_model_with_its_prompts(tmp_path):
+    data = tmp_path / "data"
+    assert invoke("phantom", "--output_dir", data, "--num_images", 6, "--size", 48).exit_code == 0
+    assert invoke("phantom", "--output_dir", data).exit_code == 2  # never writes over a dataset unasked
+    assert invoke("phantom", "--output_dir", data, "--num_images", 6, "--size", 48, "--overwrite").exit_code == 0
+    model = tmp_path / "model"
+    result = invoke("init-model", "--output_dir", model, "--preset", "tiny", "--prompts_from", data)
+    assert result.exit_code == 0, result.output
+    assert "unet" in result.output and (model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    vocabulary = json.loads((model / "tokenizer" / "vocab.json").read_text())
+    assert "phantom</w>" in vocabulary and "irregular</w>" in vocabulary
+    again = invoke("init-model", "--output_dir", model)
+    assert again.exit_code == 2 and "--output_dir" in again.output and "--overwrite" in again.output
+    bad = invoke("init-model", "--output_dir", tmp_path / "other", "--preset", "huge")
+    assert bad.exit_code == 2 and "unknown preset 'huge'" in bad.output
