@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from medaug.console import console, errors, fail, progress_bar
 
 app = typer.Typer(
     name="medaug",
@@ -19,15 +19,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-errors = Console(stderr=True)
-
-
-def fail(message: str) -> None:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code=2)
-
-
 @app.command("env")
 def env_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -62,8 +53,7 @@ def inspect_command(
         folder = DatasetFolder(dataset_dir)
     except DatasetError as error:
         fail(str(error))
-    with Progress(TextColumn("checking"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=errors, transient=True, disable=as_json) as progress:
+    with progress_bar("checking", disable=as_json) as progress:
         task = progress.add_task("rows", total=len(folder))
         scan = folder.scan(split=split, read_images=not skip_images,
                            progress=lambda n: progress.advance(task, n))

@@ -167,3 +167,20 @@ def test_fit_square_keeps_image_and_mask_aligned(fit):
     inside = fitted_image[..., 0][fitted_mask]
     outside = fitted_image[..., 0][~fitted_mask]
     assert inside.mean() > 0.9 and outside.mean() < 0.1
+
+
+def test_manifest_round_trip_and_torn_last_line(tmp_path):
+    from medaug.data import ManifestEntry, append_manifest, read_manifest
+
+    first = ManifestEntry(file_name="images/0.png", seed=3, model_dir="/m", source_file_name="images/a.png",
+                          source_split="train", prompt="scan")
+    append_manifest(tmp_path, first)
+    append_manifest(tmp_path, ManifestEntry(file_name="images/1.png", seed=4, model_dir="/m"))
+    with open(tmp_path / "manifest.jsonl", "a") as handle:
+        handle.write('{"file_name": "images/2.png", "se')  # a run killed mid-write
+    entries = read_manifest(tmp_path)
+    assert [entry.file_name for entry in entries] == ["images/0.png", "images/1.png"]
+    assert entries[0] == first
+    (tmp_path / "manifest.jsonl").write_text('{"file_name": "a.png", "seed": 1, "model_dir": "m", "colour": 1}\n')
+    with pytest.raises(ValueError, match=r"line 1 has unknown keys \['colour'\]"):
+        read_manifest(tmp_path)

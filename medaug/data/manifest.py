@@ -1,0 +1,63 @@
+"""`manifest.jsonl` of a synthetic folder: where each generated image came from.
+
+One JSON object a line. A synthetic folder is also an ordinary dataset folder (its `metadata.csv` lists the
+images), and the manifest adds provenance: which real row gave the structure or condition (so benchmarks
+can refuse synthetic images made from test-split sources), the seed, the prompt or condition hash, and the
+model folder. Lines are appended whole and flushed, so a killed run leaves at most one unreadable last line,
+which `read_manifest` ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.jsonl"
+
+
+@dataclass
+class ManifestEntry:
+    file_name: str  # the generated image, relative to the synthetic folder
+    seed: int
+    model_dir: str
+    mask_file_name: str = ""  # the mask it was generated for, relative to the synthetic folder
+    source_dataset: str = ""  # the real dataset folder that gave structure or condition
+    source_file_name: str = ""  # that row's file_name in the source dataset
+    source_split: str = ""  # that row's split, so leakage into a test split can be refused
+    prompt: str = ""
+    condition_hash: str = ""  # hash of a non-text condition (embedding, reference image, edge map)
+    extra: dict = field(default_factory=dict)
+
+
+def read_manifest(folder: str | Path) -> list[ManifestEntry]:
+    """Entries of a synthetic folder's manifest ([] if there is none); a torn last line is skipped."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # written while the run was killed
+            raise ValueError(f"{path}: line {number} is not valid JSON") from None
+        unknown = set(record) - set(ManifestEntry.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: line {number} has unknown keys {sorted(unknown)}")
+        entries.append(ManifestEntry(**record))
+    return entries
+
+
+def append_manifest(folder: str | Path, entry: ManifestEntry) -> None:
+    """Append one entry as a single line and flush it to disk."""
+    path = Path(folder) / MANIFEST_NAME
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(asdict(entry), ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
