@@ -1,0 +1,109 @@
+"""Embedding files keyed by `file_name`: what `--embeddings_file` reads and `medaug embed` writes.
+
+Formats:
+- `.safetensors`: one tensor per key (the row's `file_name`), written by `medaug embed`.
+- `.npz`: arrays `file_name` (strings) and `embeddings` (N, ...), or one array per key.
+- `.parquet`: a key column and a value column holding lists (nested lists for (L, D) matrices, or flat
+  lists with `shape` given, as ELIXR exports often are).
+Each embedding is (D,) or (L, D): ELIXR's 32x768 and Path Foundation's 384 both fit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+EMBEDDING_SUFFIXES = (".safetensors", ".npz", ".parquet")
+
+
+class EmbeddingError(ValueError):
+    """An embeddings file or one of its entries is unusable; the message names it."""
+
+
+def load_embeddings(
+    path: str | Path, key_column: str = "file_name", value_column: str = "embedding",
+    shape: tuple[int, ...] | None = None,
+) -> dict[str, np.ndarray]:
+    """Read an embeddings file into {key: float32 array}."""
+    path = Path(path)
+    if not path.is_file():
+        raise EmbeddingError(f"{path}: embeddings file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        table = load_file(str(path))
+    elif suffix == ".npz":
+        table = _load_npz(path)
+    elif suffix == ".parquet":
+        table = _load_parquet(path, key_column, value_column)
+    else:
+        raise EmbeddingError(f"{path}: unsupported embeddings file; expected one of {', '.join(EMBEDDING_SUFFIXES)}")
+    result = {}
+    for key, value in table.items():
+        array = np.asarray(value, dtype=np.float32)
+        if shape is not None:
+            if array.size != int(np.prod(shape)):
+                raise EmbeddingError(f"{path}: '{key}' has {array.size} values, which cannot be shaped {shape}")
+            array = array.reshape(shape)
+        result[str(key)] = array
+    return result
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        names = set(archive.files)
+        if {"file_name", "embeddings"} <= names:
+            keys = archive["file_name"].astype(str)
+            values = archive["embeddings"]
+            if len(keys) != len(values):
+                raise EmbeddingError(f"{path}: {len(keys)} file names but {len(values)} embeddings")
+            return {key: values[i] for i, key in enumerate(keys)}
+        return {name: archive[name] for name in archive.files}
+
+
+def _load_parquet(path: Path, key_column: str, value_column: str) -> dict[str, np.ndarray]:
+    import pandas as pd
+
+    table = pd.read_parquet(path)
+    for column in (key_column, value_column):
+        if column not in table.columns:
+            raise EmbeddingError(f"{path}: column '{column}' not found (columns: {', '.join(map(str, table.columns))})")
+    return {str(key): np.stack([np.asarray(v) for v in value]) if _is_nested(value) else np.asarray(value)
+            for key, value in zip(table[key_column], table[value_column])}
+
+
+def _is_nested(value) -> bool:
+    return len(value) > 0 and np.ndim(value[0]) > 0
+
+
+def save_embeddings(path: str | Path, embeddings: dict[str, np.ndarray]) -> Path:
+    """Write {file_name: array} as safetensors (the format `--embeddings_file` reads first)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({key: np.ascontiguousarray(value, dtype=np.float32) for key, value in embeddings.items()}, str(path))
+    return path
+
+
+def check_embeddings(
+    embeddings: dict[str, np.ndarray], keys: list[str], source: str | Path,
+    expected_shape: tuple[int, ...] | None = None,
+) -> tuple[int, ...]:
+    """Every key has a finite embedding of one shape (and `expected_shape` when given); return that shape."""
+    missing = [key for key in keys if key not in embeddings]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise EmbeddingError(f"{source}: no embedding for {len(missing)} row(s): {shown}")
+    shape = expected_shape or embeddings[keys[0]].shape
+    if len(shape) not in (1, 2):
+        raise EmbeddingError(f"{source}: '{keys[0]}' has shape {shape}; expected (D,) or (L, D)")
+    for key in keys:
+        value = embeddings[key]
+        if value.shape != tuple(shape):
+            raise EmbeddingError(f"{source}: '{key}' has shape {value.shape}, expected {tuple(shape)}")
+        if not np.all(np.isfinite(value)):
+            raise EmbeddingError(f"{source}: '{key}' contains NaN or infinite values")
+    return tuple(shape)

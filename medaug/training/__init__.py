@@ -1,0 +1,1 @@
+"""Pieces the training scripts share: caches, checkpoints, LoRA I/O, data order, validation images."""

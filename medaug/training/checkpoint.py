@@ -1,0 +1,132 @@
+"""Resumable training checkpoints (`checkpoint-N/`) written without pickle.
+
+Trainable parameters and optimizer tensors go to safetensors, the rest of the optimizer and LR-scheduler
+state to JSON. Randomness needs no saved state: training draws it per step from (seed, step)
+(`medaug.training.data_order.step_generator`). `configuration` holds what must match for a resume to be
+meaningful (base model, conditioning, LoRA rank, resolution...); a mismatch is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "training_state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed; the message names the checkpoint and the reason."""
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    directory: str | Path, step: int, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler,
+    configuration: dict,
+) -> Path:
+    directory = Path(directory)
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name, module in modules.items():
+        save_file(trainable_state(module), str(partial / f"{name}.safetensors"))
+    tensors, structure = _split_optimizer_state(optimizer.state_dict())
+    save_file(tensors, str(partial / "optimizer.safetensors"))
+    state = {"step": step, "configuration": configuration, "optimizer": structure,
+             "lr_scheduler": lr_scheduler.state_dict()}
+    (partial / STATE_FILE).write_text(json.dumps(state, indent=1, default=_jsonable))
+    shutil.rmtree(directory, ignore_errors=True)
+    partial.rename(directory)  # a killed save leaves only a .partial folder, never a half checkpoint
+    return directory
+
+
+def load_checkpoint(
+    directory: str | Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler, configuration: dict
+) -> int:
+    """Restore modules, optimizer and scheduler in place and return the step the checkpoint was taken at."""
+    directory = Path(directory)
+    state_path = directory / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"{directory}: not a medaug checkpoint (no {STATE_FILE})")
+    state = json.loads(state_path.read_text())
+    differences = [f"{key}: checkpoint has {state['configuration'].get(key)!r}, this run has {value!r}"
+                   for key, value in configuration.items() if state["configuration"].get(key) != value]
+    if differences:
+        raise CheckpointError(f"{directory}: checkpoint from another configuration; " + "; ".join(differences))
+    for name, module in modules.items():
+        _load_trainable(directory / f"{name}.safetensors", module)
+    tensors = load_file(str(directory / "optimizer.safetensors"))
+    optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    return int(state["step"])
+
+
+def _load_trainable(path: Path, module: torch.nn.Module) -> None:
+    saved = load_file(str(path))
+    expected = set(trainable_state(module))
+    if set(saved) != expected:
+        missing, extra = sorted(expected - set(saved))[:3], sorted(set(saved) - expected)[:3]
+        raise CheckpointError(f"{path}: parameters do not match this model (missing {missing}, unexpected {extra})")
+    module.load_state_dict(saved, strict=False)
+
+
+def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, structure = {}, {"param_groups": state_dict["param_groups"], "state": {}}
+    for param_id, values in state_dict["state"].items():
+        entry = {}
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{param_id}.{key}"] = value.detach().cpu().contiguous()
+                entry[key] = {"tensor": f"{param_id}.{key}"}
+            else:
+                entry[key] = value
+        structure["state"][str(param_id)] = entry
+    return tensors, structure
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], structure: dict) -> dict:
+    state = {}
+    for param_id, values in structure["state"].items():
+        state[int(param_id)] = {key: tensors[value["tensor"]] if isinstance(value, dict) and "tensor" in value
+                                else value for key, value in values.items()}
+    return {"state": state, "param_groups": structure["param_groups"]}
+
+
+def _jsonable(value):
+    if torch.is_tensor(value):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return None  # callables in scheduler state (lr_lambdas) are rebuilt by the script, not saved
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """`checkpoint-N` folders in step order."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_checkpoint(output_dir: str | Path, value: str) -> Path | None:
+    """`latest` (None if there is none yet) or a path; a path that is not a checkpoint is an error."""
+    if value == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(value)
+    if not path.is_absolute() and not path.exists():
+        path = Path(output_dir) / value
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"--resume_from_checkpoint: {value} is not a checkpoint folder")
+    return path
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int | None) -> None:
+    """Keep the newest `keep` checkpoints (all when keep is None)."""
+    if keep is None:
+        return
+    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else list_checkpoints(output_dir):
+        shutil.rmtree(old)

@@ -1,0 +1,50 @@
+"""Validation images during training: sample with the model as it is now and save a PNG grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def sample_images(
+    vae, unet, scheduler, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
+    num_inference_steps: int, guidance_scale: float, resolution: int, seed: int,
+    text_encoder=None, tokenizer=None,
+) -> np.ndarray:
+    """(N, H, W, 3) float images in [0, 1] from condition embeddings, with classifier-free guidance."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return pipeline(
+        prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        height=resolution, width=resolution, generator=generator, output_type="np",
+    ).images
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """Tile (N, H, W, C) images into one (rows*H, columns*W, C) array."""
+    count, height, width, channels = images.shape
+    columns = columns or int(np.ceil(np.sqrt(count)))
+    rows = int(np.ceil(count / columns))
+    grid = np.zeros((rows * height, columns * width, channels), dtype=images.dtype)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        grid[row * height:(row + 1) * height, column * width:(column + 1) * width] = image
+    return grid
+
+
+def save_grid(images: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = (np.clip(image_grid(images), 0, 1) * 255).round().astype(np.uint8)
+    Image.fromarray(grid).save(path)
+    return path
