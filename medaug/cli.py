@@ -152,5 +152,9 @@ def phantom_command(
     console.print(f"wrote {num_images} phantom images with masks to {output_dir}")
 
 
+from medaug.commands.bench import bench_command  # noqa: E402
+app.command("bench")(bench_command)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -18,6 +18,9 @@ SUBCOMMANDS = {
     "inspect": ["--split", "--skip_images", "--json"],
     "init-model": ["--output_dir", "--preset", "--prompts_from", "--seed", "--overwrite"],
     "phantom": ["--output_dir", "--num_images", "--size", "--seed", "--overwrite"],
+    "bench": ["--data", "--synthetic", "--output_dir", "--network", "--resolution", "--epochs", "--seeds",
+              "--synthetic_ratios", "--real_fractions", "--arms", "--batch_size", "--learning_rate",
+              "--label_column", "--gradcam_images", "--device", "--num_threads"],
 }
 
 

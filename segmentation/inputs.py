@@ -1,0 +1,193 @@
+"""Read the real and synthetic folders of a study into data items, refusing bad input before any training.
+
+Refused, each with the flag, folder, row or file at fault: an unreadable folder or file, a mask of another
+size than its image, an empty train or test split, a segmentation study whose synthetic rows lack masks,
+a classification study with unlabelled rows, synthetic labels the real set lacks, a test image that is also
+a training image (same path, same bytes or same `patient_id`), and synthetic images generated from
+test-split sources (by `manifest.jsonl`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medaug.data import DatasetError, DatasetFolder, read_manifest
+
+TASKS = ("seg", "cls")
+
+
+class StudyError(ValueError):
+    """The study cannot run on this input; the message names the flag, folder, row or file."""
+
+
+@dataclass
+class StudyData:
+    train: list[dict]
+    val: list[dict]
+    test: list[dict]
+    synthetic: list[dict] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def load_study_data(task: str, real_dir: str | Path, synthetic_dirs: list[str | Path] = (),
+                    label_column: str = "label", check_images: bool = True) -> StudyData:
+    """Check the folders and return the items of each split; raise `StudyError` on bad input."""
+    if task not in TASKS:
+        raise StudyError(f"task must be one of {', '.join(TASKS)}, got '{task}'")
+    real = _open_folder(real_dir, "--data", check_images)
+    notes: list[str] = []
+    splits = {split: _split_rows(real, split, "--data", required=split != "val") for split in ("train", "val", "test")}
+    if task == "seg":
+        splits = {split: _rows_with_masks(real, rows, split, notes) for split, rows in splits.items()}
+    classes = _classes(real, splits, label_column) if task == "cls" else []
+    items = {split: [_item(real, i, "real", label_column, classes) for i in rows] for split, rows in splits.items()}
+    synthetic = []
+    for directory in synthetic_dirs:
+        folder = _open_folder(directory, "--synthetic", check_images)
+        rows = _synthetic_rows(folder, task, label_column, set(classes))
+        _refuse_test_sources(folder, real, splits["test"])
+        synthetic += [_item(folder, i, "synthetic", label_column, classes) for i in rows]
+        if not read_manifest(folder.root):
+            notes.append(f"--synthetic {folder.root}: no manifest.jsonl, so its sources cannot be checked for "
+                         "test-split leakage")
+    _refuse_overlap(items["test"], items["train"] + items["val"] + synthetic, real)
+    return StudyData(items["train"], items["val"], items["test"], synthetic, classes, notes)
+
+
+def _open_folder(directory: str | Path, flag: str, check_images: bool) -> DatasetFolder:
+    try:
+        folder = DatasetFolder(directory)
+        folder.check(read_images=check_images)
+    except DatasetError as error:
+        raise StudyError(f"{flag} {error}") from error
+    return folder
+
+
+def _split_rows(folder: DatasetFolder, split: str, flag: str, required: bool) -> list[int]:
+    rows = [i for i in range(len(folder)) if folder.split(i) == split]
+    if required and not rows:
+        raise StudyError(f"{flag} {folder.root}: split '{split}' has no rows (column 'split' of "
+                         f"{folder.metadata_path.name}); a study needs train and test rows")
+    return rows
+
+
+def _rows_with_masks(folder: DatasetFolder, rows: list[int], split: str, notes: list[str]) -> list[int]:
+    """Real rows without a mask cannot be scored; leave them out, and refuse a split left empty."""
+    kept = [i for i in rows if folder.value(i, "mask_file_name")]
+    if rows and not kept:
+        raise StudyError(f"--data {folder.root}: no row of split '{split}' has a mask (column 'mask_file_name'); "
+                         "a segmentation study needs masks")
+    if len(kept) < len(rows):
+        notes.append(f"--data: {len(rows) - len(kept)} {split} row(s) without a mask left out")
+    return kept
+
+
+def _classes(folder: DatasetFolder, splits: dict[str, list[int]], label_column: str) -> list[str]:
+    if not folder.has_column(label_column):
+        raise StudyError(f"--data {folder.metadata_path}: column '{label_column}' is missing; a classification "
+                         f"study needs labels (choose the column with --label_column)")
+    for split, rows in splits.items():
+        unlabelled = [i + 1 for i in rows if not folder.value(i, label_column)]
+        if unlabelled:
+            raise StudyError(f"--data {folder.metadata_path}: rows {_shorten(unlabelled)} of split '{split}' have "
+                             f"an empty column '{label_column}'")
+    trained = {folder.value(i, label_column) for i in splits["train"]}
+    untrained = sorted({folder.value(i, label_column) for i in splits["test"] + splits["val"]} - trained)
+    if untrained:
+        raise StudyError(f"--data {folder.metadata_path}: label(s) {untrained} of column '{label_column}' appear "
+                         "in val/test but not in train")
+    if len(trained) < 2:
+        raise StudyError(f"--data {folder.metadata_path}: column '{label_column}' has one class in train; "
+                         "classification needs two or more")
+    return sorted(trained)
+
+
+def _synthetic_rows(folder: DatasetFolder, task: str, label_column: str, classes: set[str]) -> list[int]:
+    other = [i + 1 for i in range(len(folder)) if folder.split(i) != "train"]
+    if other:
+        raise StudyError(f"--synthetic {folder.metadata_path}: rows {_shorten(other)} are not split 'train'; "
+                         "a synthetic folder only adds training data")
+    rows = list(range(len(folder)))
+    if task == "seg":
+        missing = [i + 1 for i in rows if not folder.value(i, "mask_file_name")]
+        if missing:
+            raise StudyError(f"--synthetic {folder.metadata_path}: rows {_shorten(missing)} have no mask "
+                             "(column 'mask_file_name'); a segmentation study needs a mask for every image")
+    if task == "cls" or folder.has_column(label_column):
+        labels = {folder.value(i, label_column) for i in rows}
+        if task == "cls" and "" in labels:
+            unlabelled = [i + 1 for i in rows if not folder.value(i, label_column)]
+            raise StudyError(f"--synthetic {folder.metadata_path}: rows {_shorten(unlabelled)} have an empty "
+                             f"column '{label_column}'")
+        unknown = sorted(labels - classes - {""}) if classes else []
+        if unknown:
+            raise StudyError(f"--synthetic {folder.metadata_path}: label(s) {unknown} of column '{label_column}' "
+                             f"are not in the real set (which has {sorted(classes)})")
+    return rows
+
+
+def _refuse_test_sources(folder: DatasetFolder, real: DatasetFolder, test_rows: list[int]) -> None:
+    """Synthetic images made from a real test image would score the model on what it was shown."""
+    test_files = {real.value(i, "file_name") for i in test_rows}
+    for number, entry in enumerate(read_manifest(folder.root), start=1):
+        same_dataset = not entry.source_dataset or _same_dataset(entry.source_dataset, real.root)
+        from_test = entry.source_split == "test" or (same_dataset and entry.source_file_name in test_files)
+        if from_test:
+            raise StudyError(f"--synthetic {folder.root}: manifest.jsonl line {number} ({entry.file_name}) was "
+                             f"generated from test-split source '{entry.source_file_name}'; synthetic training "
+                             "data must come from training sources only")
+
+
+def _same_dataset(source: str, real_root: Path) -> bool:
+    path = Path(source)
+    try:
+        return path.resolve() == real_root or path.name == real_root.name
+    except OSError:
+        return path.name == real_root.name
+
+
+def _refuse_overlap(test: list[dict], training: list[dict], real: DatasetFolder) -> None:
+    by_path = {item["image"]: item for item in training}
+    by_patient = {item["patient_id"]: item for item in training if item["patient_id"]}
+    by_bytes: dict[str, dict] = {}
+    for item in training:
+        by_bytes.setdefault(_digest(item["image"]), item)
+    for item in test:
+        clash, reason = by_path.get(item["image"]), "is the same file as"
+        if clash is None and item["patient_id"] in by_patient:
+            clash, reason = by_patient[item["patient_id"]], f"has the same patient_id '{item['patient_id']}' as"
+        if clash is None:
+            clash, reason = by_bytes.get(_digest(item["image"])), "has the same bytes as"
+        if clash is not None:
+            raise StudyError(f"--data {real.metadata_path}: test image {item['file_name']} {reason} "
+                             f"{clash['origin']} training image {clash['file_name']} ({clash['folder']}); "
+                             "the test split must not overlap training")
+
+
+def _digest(path: str) -> str:
+    return hashlib.md5(Path(path).read_bytes(), usedforsecurity=False).hexdigest()
+
+
+def _item(folder: DatasetFolder, index: int, origin: str, label_column: str, classes: list[str]) -> dict:
+    label = folder.value(index, label_column)
+    mask = folder.path(index, "mask_file_name")
+    slice_index = folder.slice_index(index)
+    return {
+        "image": str(folder.path(index, "file_name")),
+        "mask": str(mask) if mask is not None else "",
+        "slice_index": -1 if slice_index is None else slice_index,
+        "label": classes.index(label) if label in classes else -1,
+        "label_name": label,
+        "file_name": folder.value(index, "file_name"),
+        "patient_id": folder.value(index, "patient_id"),
+        "origin": origin,
+        "folder": str(folder.root),
+    }
+
+
+def _shorten(numbers: list[int], limit: int = 5) -> str:
+    shown = ", ".join(str(n) for n in numbers[:limit])
+    return shown + (f" and {len(numbers) - limit} more" if len(numbers) > limit else "")

@@ -1,0 +1,205 @@
+"""A study's results: `results.json` (everything), `results.md` (a table to paste) and plots (metric vs ratio).
+
+Each arm × real fraction × ratio is a group of runs, one per seed. A group's score is the mean over its
+seeds with a 95% Student-t interval. Each group is compared with real-only at the same real fraction (the
+synthetic-only arm with real-only at the largest fraction) by a Wilcoxon signed-rank test on per-image
+scores of the same test images, each averaged over the seeds both groups have.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from medaug.segmentation.metrics import CLASSIFICATION_METRICS, HIGHER_IS_BETTER, SEGMENTATION_METRICS
+from medaug.segmentation.stats import mean_ci, paired_test
+from medaug.segmentation.study import write_json
+
+METRICS = {"seg": SEGMENTATION_METRICS + ("dice_lesion",), "cls": CLASSIFICATION_METRICS}
+PAIRED = {"seg": ("dice", "iou", "hd95"), "cls": ("prob_true", "correct")}
+PRIMARY = {"seg": "dice", "cls": "auc"}
+PRIMARY_PAIRED = {"seg": "dice", "cls": "prob_true"}
+LABELS = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (px)", "dice_lesion": "Dice (lesion images)", "auc": "AUC",
+          "accuracy": "Accuracy", "macro_f1": "Macro-F1", "prob_true": "p(true class)", "correct": "correct"}
+RUN_FIELDS = ("run_id", "arm", "real_fraction", "ratio", "seed", "n_train_real", "n_train_synthetic",
+              "best_epoch", "steps", "seconds", "metrics")
+
+
+def write_report(output_dir: str | Path, settings: dict, data, results: list[dict], notes: list[str]) -> dict:
+    """Summarise finished runs and write results.json, results.md and one plot per metric."""
+    output_dir = Path(output_dir)
+    task = settings["task"]
+    summary = {
+        "task": task,
+        "settings": settings,
+        "primary_metric": PRIMARY[task],
+        "metrics": list(METRICS[task]),
+        "images": {"train": len(data.train), "val": len(data.val), "test": len(data.test),
+                   "synthetic": len(data.synthetic)},
+        "classes": list(data.classes),
+        "groups": summarise_groups(results, task),
+        "runs": [{key: result.get(key) for key in RUN_FIELDS} for result in results],
+        "notes": list(dict.fromkeys(notes)),
+    }
+    summary["plots"] = [path.name for path in plot_results(output_dir, summary)]
+    write_json(output_dir / "results.json", summary)
+    (output_dir / "results.md").write_text(markdown_report(summary))
+    return summary
+
+
+def summarise_groups(results: list[dict], task: str) -> list[dict]:
+    """Mean and 95% CI over seeds of each group, and its paired test against real-only."""
+    grouped: dict[tuple, list[dict]] = {}
+    for result in results:
+        grouped.setdefault((result["arm"], result["real_fraction"], result["ratio"]), []).append(result)
+    fractions = [key[1] for key in grouped if key[0] == "real"]
+    groups = []
+    for (arm, fraction, ratio), runs in grouped.items():
+        group = {
+            "arm": arm, "real_fraction": fraction, "ratio": ratio, "seeds": sorted(r["seed"] for r in runs),
+            "n_train_real": runs[0]["n_train_real"], "n_train_synthetic": runs[0]["n_train_synthetic"],
+            "metrics": {}, "paired_vs_real": {},
+        }
+        for metric in METRICS[task]:
+            values = [_number(r["metrics"].get(metric)) for r in runs]
+            mean, ci = mean_ci(values)
+            group["metrics"][metric] = {"mean": mean, "ci95": ci, "values": values}
+        baseline_fraction = max(fractions) if arm == "synthetic" and fractions else fraction
+        baseline = grouped.get(("real", baseline_fraction, 0.0))
+        if arm != "real" and baseline:
+            group["baseline"] = {"arm": "real", "real_fraction": baseline_fraction}
+            group["paired_vs_real"] = {metric: _paired(runs, baseline, metric) for metric in PAIRED[task]}
+        groups.append(group)
+    return groups
+
+
+def _paired(runs: list[dict], baseline: list[dict], metric: str) -> dict:
+    seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in baseline})
+    if not seeds:
+        return {"test": "wilcoxon", "n_pairs": 0, "mean_difference": math.nan, "p_value": math.nan, "seeds": []}
+    arm_scores = _per_image_mean([r for r in runs if r["seed"] in seeds], metric)
+    base_scores = _per_image_mean([r for r in baseline if r["seed"] in seeds], metric)
+    names = sorted(set(arm_scores) & set(base_scores))
+    result = paired_test([arm_scores[n] for n in names], [base_scores[n] for n in names])
+    return {**result, "seeds": seeds}
+
+
+def _per_image_mean(runs: list[dict], metric: str) -> dict[str, float]:
+    """Per test image, the metric averaged over `runs` (seeds); NaN where any seed leaves it undefined."""
+    table: dict[str, list[float]] = {}
+    for run in runs:
+        for name, value in zip(run["per_image"]["file_name"], run["per_image"][metric]):
+            table.setdefault(name, []).append(_number(value))
+    return {name: float(np.mean(values)) for name, values in table.items()}
+
+
+def _number(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def markdown_report(summary: dict) -> str:
+    """A header saying how the numbers were made, then one table row per group."""
+    settings, images, task = summary["settings"], summary["images"], summary["task"]
+    metrics = summary["metrics"]
+    primary = PRIMARY_PAIRED[task]
+    lines = [
+        f"# medaug bench {task}: results",
+        "",
+        f"Real data `{settings['data']}`: {images['train']} train, {images['val']} val, {images['test']} test "
+        f"images; {images['synthetic']} synthetic images from {len(settings['synthetic'])} folder(s). "
+        f"Network `{settings['network']}` at {settings['resolution']} px ({settings['fit']}), {settings['epochs']} "
+        f"epochs, batch {settings['batch_size']}, learning rate {settings['learning_rate']:g}; the epoch with the "
+        "best validation score is tested.",
+        "",
+        "Scores on the real test split: mean ± 95% CI (Student t) over seeds. Δ and p: Wilcoxon signed-rank "
+        f"test of per-image {LABELS[primary]} against real-only at the same real fraction (synthetic-only: at "
+        "the largest), each image's score averaged over the seeds both arms have. Every arm trains for the same "
+        "number of epochs, so arms with more images also take more optimiser steps.",
+        "",
+        "| Arm | Real fraction | Synthetic ratio | Train images (real + synthetic) | Seeds | "
+        + " | ".join(LABELS[m] for m in metrics) + f" | Δ {LABELS[primary]} | p |",
+        "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in metrics) + " | ---: | ---: |",
+    ]
+    for group in summary["groups"]:
+        paired = group["paired_vs_real"].get(primary)
+        cells = [group["arm"], f"{group['real_fraction']:g}" if group["arm"] != "synthetic" else "0",
+                 f"{group['ratio']:g}" if group["ratio"] else "–",
+                 f"{group['n_train_real']} + {group['n_train_synthetic']}", str(len(group["seeds"]))]
+        cells += [_mean_ci_text(group["metrics"][m]) for m in metrics]
+        cells += [_signed(paired["mean_difference"]), _p_text(paired["p_value"])] if paired else ["–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if summary["notes"]:
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in summary["notes"]]
+    if summary["plots"]:
+        lines += ["", "Plots: " + ", ".join(f"`{name}`" for name in summary["plots"])]
+    return "\n".join(lines) + "\n"
+
+
+def _mean_ci_text(score: dict) -> str:
+    mean, ci = _number(score["mean"]), _number(score["ci95"])
+    if math.isnan(mean):
+        return "–"
+    digits = 1 if abs(mean) >= 10 else 3
+    return f"{mean:.{digits}f}" if math.isnan(ci) else f"{mean:.{digits}f} ± {ci:.{digits}f}"
+
+
+def _signed(value) -> str:
+    value = _number(value)
+    return "–" if math.isnan(value) else f"{value:+.3f}"
+
+
+def _p_text(value) -> str:
+    value = _number(value)
+    if math.isnan(value):
+        return "–"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def plot_results(output_dir: Path, summary: dict) -> list[Path]:
+    """One PNG per metric: the metric against the synthetic ratio, one panel per real fraction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = summary["groups"]
+    fractions = sorted({g["real_fraction"] for g in groups if g["arm"] != "synthetic"})
+    if not fractions:
+        return []
+    paths = []
+    for metric in summary["metrics"]:
+        figure, axes = plt.subplots(1, len(fractions), figsize=(4 * len(fractions), 3.4), squeeze=False,
+                                    sharey=True)
+        for axis, fraction in zip(axes[0], fractions):
+            _plot_panel(axis, groups, fraction, metric)
+        axes[0][0].set_ylabel(LABELS[metric] + ("" if HIGHER_IS_BETTER[metric] else " (lower is better)"))
+        axes[0][-1].legend(fontsize=7, loc="best")
+        figure.tight_layout()
+        path = output_dir / f"{metric}_vs_ratio.png"
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def _plot_panel(axis, groups: list[dict], fraction: float, metric: str) -> None:
+    """Lines start at ratio 0 with their arm's synthetic-free counterpart (real, classical)."""
+    for base_arm, arm, style in (("real", "real+synthetic", "o-"), ("classical", "classical+synthetic", "s--")):
+        points = [g for g in groups if g["real_fraction"] == fraction and g["arm"] in (base_arm, arm)]
+        points = sorted(points, key=lambda g: g["ratio"])
+        if not points:
+            continue
+        xs = [g["ratio"] for g in points]
+        ys = [_number(g["metrics"][metric]["mean"]) for g in points]
+        errors = [0.0 if math.isnan(_number(g["metrics"][metric]["ci95"])) else g["metrics"][metric]["ci95"]
+                  for g in points]
+        axis.errorbar(xs, ys, yerr=errors, fmt=style, capsize=3, label=arm if len(points) > 1 else base_arm)
+    for group in groups:
+        if group["arm"] == "synthetic":
+            axis.axhline(_number(group["metrics"][metric]["mean"]), color="grey", linestyle=":",
+                         label="synthetic only")
+    axis.set_title(f"real fraction {fraction:g}", fontsize=9)
+    axis.set_xlabel("synthetic images per real image")
+    axis.grid(alpha=0.3)

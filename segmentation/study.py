@@ -1,0 +1,293 @@
+"""A study: arms × real fractions × synthetic ratios × seeds, each run trained once and saved, then a report.
+
+Arms:
+- `real`: the real training split (or a stratified fraction of it), no augmentation: the baseline.
+- `real+synthetic`: that plus `ratio` × as many synthetic images.
+- `synthetic`: synthetic images only (all of them), tested on real images.
+- `classical`: the real images with classical augmentation (CLAHE, blur, flips, rotation, erasing, chessboard).
+- `classical+synthetic`: both.
+
+Runs with the same seed share their real subset, and synthetic samples are nested (the images at ratio 0.5
+are among those at ratio 1), so differences between arms come from the arm and not from the draw. Every run
+writes `runs/<run_id>/result.json` when it finishes (atomically), and a study started again on the same
+output folder skips those runs: an interrupted study resumes, and a study given more seeds, ratios or arms
+only trains what is new. Settings that change what a run means (data, network, epochs...) must match.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medaug.data import FIT_MODES
+from medaug.segmentation.inputs import StudyData, StudyError, load_study_data
+from medaug.segmentation.networks import DEFAULT_NETWORK, check_resolution, network_spec
+
+ARMS = ("real", "real+synthetic", "synthetic", "classical", "classical+synthetic")
+RATIO_ARMS = ("real+synthetic", "classical+synthetic")
+SYNTHETIC_ARMS = ("real+synthetic", "synthetic", "classical+synthetic")
+DEFAULT_LEARNING_RATE = {"seg": 1e-3, "cls": 3e-4}
+STUDY_FILE = "study.json"
+# Settings that change what a finished run means; a resumed study must keep them.
+FIXED_SETTINGS = ("task", "data", "synthetic", "network", "resolution", "channels", "fit", "epochs",
+                  "batch_size", "learning_rate", "label_column")
+
+
+@dataclass(frozen=True)
+class Run:
+    arm: str
+    real_fraction: float  # 0 for the synthetic-only arm
+    ratio: float  # synthetic images per real image; 0 for arms without synthetic data
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.arm.replace('+', '-')}_f{self.real_fraction:g}_r{self.ratio:g}_s{self.seed}"
+
+
+def default_arms(with_synthetic: bool) -> list[str]:
+    return list(ARMS) if with_synthetic else ["real", "classical"]
+
+
+def plan_runs(arms: Sequence[str], real_fractions: Sequence[float], ratios: Sequence[float], seeds: int) -> list[Run]:
+    """Every run of the study, seed by seed, so an early stop still leaves complete comparisons."""
+    runs = []
+    for seed in range(seeds):
+        if "synthetic" in arms:
+            runs.append(Run("synthetic", 0.0, 0.0, seed))
+        for fraction in real_fractions:
+            for arm in arms:
+                if arm in RATIO_ARMS:
+                    runs.extend(Run(arm, fraction, ratio, seed) for ratio in ratios)
+                elif arm != "synthetic":
+                    runs.append(Run(arm, fraction, 0.0, seed))
+    return runs
+
+
+def check_plan(task: str, arms: Sequence[str], real_fractions: Sequence[float], ratios: Sequence[float],
+               seeds: int, epochs: int, with_synthetic: bool) -> None:
+    """Refuse a plan that cannot run, naming the flag."""
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if unknown or not arms:
+        raise StudyError(f"--arms: unknown or no arm(s) {unknown}; expected some of {', '.join(ARMS)}")
+    needing = [arm for arm in arms if arm in SYNTHETIC_ARMS]
+    if needing and not with_synthetic:
+        raise StudyError(f"--arms: {', '.join(needing)} need synthetic images; pass --synthetic SYN_DIR")
+    if any(not 0 < fraction <= 1 for fraction in real_fractions) or not real_fractions:
+        raise StudyError(f"--real_fractions: each must be in (0, 1], got {list(real_fractions)}")
+    if any(not ratio > 0 for ratio in ratios) or (not ratios and any(a in RATIO_ARMS for a in arms)):
+        raise StudyError(f"--synthetic_ratios: each must be above 0, got {list(ratios)}")
+    if seeds < 1:
+        raise StudyError(f"--seeds: at least 1, got {seeds}")
+    if epochs < 1:
+        raise StudyError(f"--epochs: at least 1, got {epochs}")
+    if task not in DEFAULT_NETWORK:
+        raise StudyError(f"task must be one of {', '.join(DEFAULT_NETWORK)}, got '{task}'")
+
+
+def real_subset(items: list[dict], fraction: float, seed: int) -> list[dict]:
+    """A stratified (by label) random `fraction` of `items`, at least one per label; nested across fractions."""
+    if fraction >= 1:
+        return list(items)
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[dict]] = {}
+    for item in items:
+        groups.setdefault(item["label_name"], []).append(item)
+    chosen = []
+    for name in sorted(groups):
+        group = groups[name]
+        order = rng.permutation(len(group))
+        chosen += [group[i] for i in order[:max(1, round(fraction * len(group)))]]
+    return chosen
+
+
+def synthetic_sample(items: list[dict], count: int, seed: int) -> list[dict]:
+    """The first `count` of a seeded permutation: samples for growing ratios are nested."""
+    order = np.random.default_rng([seed, 1]).permutation(len(items))
+    return [items[i] for i in order[:count]]
+
+
+def training_items(data: StudyData, run: Run) -> tuple[list[dict], list[dict]]:
+    """(real, synthetic) training items of one run."""
+    if run.arm == "synthetic":
+        return [], list(data.synthetic)
+    real = real_subset(data.train, run.real_fraction, run.seed)
+    if run.arm not in RATIO_ARMS:
+        return real, []
+    return real, synthetic_sample(data.synthetic, round(run.ratio * len(real)), run.seed)
+
+
+def run_study(
+    task: str,
+    real_dir: str | Path,
+    output_dir: str | Path,
+    synthetic_dirs: Sequence[str | Path] = (),
+    network: str | None = None,
+    resolution: int = 128,
+    channels: int = 1,
+    fit: str = "pad",
+    epochs: int = 30,
+    batch_size: int = 16,
+    learning_rate: float | None = None,
+    seeds: int = 3,
+    synthetic_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    real_fractions: Sequence[float] = (1.0,),
+    arms: Sequence[str] | None = None,
+    label_column: str = "label",
+    device: str = "auto",
+    gradcam_images: int = 4,
+    num_threads: int | None = None,
+    on_progress: Callable[[float, int, str], None] | None = None,
+) -> dict:
+    """Check the inputs, train every unfinished run, and write results.json, results.md and plots."""
+    from medaug.segmentation.common import resolve_device
+    from medaug.segmentation.report import write_report
+
+    network = network or DEFAULT_NETWORK.get(task, "")
+    arms = list(arms) if arms else default_arms(bool(synthetic_dirs))
+    check_plan(task, arms, real_fractions, synthetic_ratios, seeds, epochs, bool(synthetic_dirs))
+    _check_settings(task, network, resolution, channels, fit, batch_size)
+    try:
+        torch_device = resolve_device(device)
+    except ValueError as error:
+        raise StudyError(str(error)) from error
+    if num_threads is not None:
+        _set_threads(num_threads)
+    data = load_study_data(task, real_dir, list(synthetic_dirs), label_column=label_column)
+    settings = {
+        "task": task, "data": str(Path(real_dir).resolve()),
+        "synthetic": [str(Path(d).resolve()) for d in synthetic_dirs], "network": network,
+        "resolution": resolution, "channels": channels, "fit": fit, "epochs": epochs, "batch_size": batch_size,
+        "learning_rate": learning_rate or DEFAULT_LEARNING_RATE[task], "label_column": label_column,
+    }
+    output_dir = Path(output_dir)
+    runs = plan_runs(arms, real_fractions, synthetic_ratios, seeds)
+    _open_output(output_dir, settings, runs)
+    notes = list(data.notes)
+    results = []
+    for number, run in enumerate(runs):
+        result = load_run_result(output_dir, run)
+        if result is None:
+            result = _train_run(data, run, settings, output_dir, torch_device, gradcam_images,
+                                _epoch_reporter(on_progress, number, len(runs), run, epochs))
+        else:
+            result["resumed"] = True
+        if result["n_train_synthetic"] < result["n_train_synthetic_requested"]:
+            notes.append(f"{run.run_id}: asked for {result['n_train_synthetic_requested']} synthetic images, "
+                         f"the synthetic folders hold {result['n_train_synthetic']}")
+        results.append(result)
+        if on_progress is not None:
+            on_progress(number + 1, len(runs), f"{number + 1}/{len(runs)} runs done")
+    return write_report(output_dir, settings, data, results, notes)
+
+
+def _check_settings(task: str, network: str, resolution: int, channels: int, fit: str, batch_size: int) -> None:
+    try:
+        network_spec(task, network)
+        check_resolution(task, network, resolution)
+    except ValueError as error:
+        raise StudyError(str(error)) from error
+    if channels not in (1, 3):
+        raise StudyError(f"--channels: 1 or 3, got {channels}")
+    if fit not in FIT_MODES:
+        raise StudyError(f"--fit: one of {', '.join(FIT_MODES)}, got '{fit}'")
+    if batch_size < 1:
+        raise StudyError(f"--batch_size: at least 1, got {batch_size}")
+
+
+def _set_threads(num_threads: int) -> None:
+    """Torch's CPU threads for the whole process. On a busy machine one thread can beat two: threads that wait
+    on each other for a core lose more than they gain."""
+    import torch
+
+    if num_threads < 1:
+        raise StudyError(f"--num_threads: at least 1, got {num_threads}")
+    torch.set_num_threads(num_threads)
+
+
+def _open_output(output_dir: Path, settings: dict, runs: list[Run]) -> None:
+    """Create the output folder, or reopen one whose fixed settings match; record the plan."""
+    path = output_dir / STUDY_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text())["settings"]
+        changed = [f"{key} (was {previous.get(key)!r}, now {settings[key]!r})"
+                   for key in FIXED_SETTINGS if previous.get(key) != settings[key]]
+        if changed:
+            raise StudyError(f"--output_dir {output_dir}: holds a study with other settings: {'; '.join(changed)}. "
+                             "Its finished runs would not compare; choose a new --output_dir")
+    (output_dir / "runs").mkdir(parents=True, exist_ok=True)
+    write_json(path, {"settings": settings, "runs": [r.run_id for r in runs]})
+
+
+def load_run_result(output_dir: Path, run: Run) -> dict | None:
+    """The saved result of a finished run, or None if it has not finished."""
+    path = output_dir / "runs" / run.run_id / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # cannot happen with atomic writes, but a damaged file means: run again
+
+
+def _train_run(data: StudyData, run: Run, settings: dict, output_dir: Path, device, gradcam_images: int,
+               on_epoch) -> dict:
+    from medaug.segmentation.train_cls import train_classification
+    from medaug.segmentation.train_seg import train_segmentation
+
+    real, synthetic = training_items(data, run)
+    common = dict(
+        train_items=real + synthetic, val_items=data.val, test_items=data.test, network=settings["network"],
+        resolution=settings["resolution"], channels=settings["channels"], fit=settings["fit"],
+        epochs=settings["epochs"], batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
+        seed=run.seed, augment=run.arm.startswith("classical"), device=device, on_epoch=on_epoch,
+    )
+    run_dir = output_dir / "runs" / run.run_id
+    if settings["task"] == "seg":
+        outcome = train_segmentation(**common)
+    else:
+        outcome = train_classification(classes=data.classes, gradcam_dir=run_dir / "gradcam",
+                                       gradcam_images=gradcam_images, **common)
+    requested = len(data.synthetic) if run.arm == "synthetic" else round(run.ratio * len(real))
+    result = {"run_id": run.run_id, **asdict(run), "n_train_real": len(real), "n_train_synthetic": len(synthetic),
+              "n_train_synthetic_requested": requested, **outcome}
+    write_json(run_dir / "result.json", result)
+    return result
+
+
+def _epoch_reporter(on_progress, number: int, total: int, run: Run, epochs: int):
+    if on_progress is None:
+        return None
+
+    def report(epoch: int, loss: float) -> None:
+        description = f"run {number + 1}/{total} {run.run_id} epoch {epoch}/{epochs} loss {loss:.3f}"
+        on_progress(number + epoch / epochs, total, description)
+
+    return report
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write JSON through a temporary file and a rename, so a killed process never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(_strict(payload), indent=1, allow_nan=False))
+    os.replace(temporary, path)
+
+
+def _strict(value):
+    """Plain JSON: numpy scalars become numbers and NaN or infinity null (readers treat null as NaN)."""
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
