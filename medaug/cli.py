@@ -152,6 +152,12 @@ def phantom_command(
     console.print(f"wrote {num_images} phantom images with masks to {output_dir}")
 
 
+from medaug.commands.evaluate import evaluate_command  # noqa: E402
+from medaug.commands.train_encoder import train_encoder_command  # noqa: E402
+
+app.command("evaluate")(evaluate_command)
+app.command("train-encoder")(train_encoder_command)
+
 from medaug.commands.bench import bench_command  # noqa: E402
 app.command("bench")(bench_command)
 

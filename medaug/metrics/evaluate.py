@@ -1,0 +1,181 @@
+"""`medaug evaluate`: compare a synthetic folder with a real one and write metrics.json and report.html.
+
+One run uses one feature extractor; every number that comes from features is stored under that
+extractor's description, so numbers from different extractors are never put side by side. MS-SSIM works
+on pixels and the memorisation audit on standardised pixel thumbnails (or on the features, if asked), and
+each says so.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from medaug.metrics.distances import KID_MIN_IMAGES, frechet_distance, kernel_inception_distance, prdc
+from medaug.metrics.diversity import ms_ssim_diversity
+from medaug.metrics.features import Extractor, extract_features
+from medaug.metrics.imagesets import ImageSet, check_same_channels, load_all, require_images
+from medaug.metrics.memorisation import AUDIT_RESOLUTION, DEFAULT_THRESHOLD, memorisation_audit, thumbnail_vectors
+from medaug.metrics.pca import plot_pca
+
+GRID_IMAGES = 16
+THUMBNAIL_SIZE = 128
+MEMORISATION_SPACES = ("pixels", "features")
+
+
+def images_needed(nearest_k: int) -> dict[str, int]:
+    """The fewest images per set each metric is defined for."""
+    return {"precision/recall/density/coverage (k={})".format(nearest_k): nearest_k + 1,
+            "KID": KID_MIN_IMAGES, "Fréchet distance": 2, "MS-SSIM diversity": 2}
+
+
+def check_sizes(real: ImageSet, synthetic: ImageSet, nearest_k: int) -> None:
+    """Raise before any work when a set is too small for a metric, saying how many images it needs."""
+    metric, needed = max(images_needed(nearest_k).items(), key=lambda item: item[1])
+    hint = "lower --nearest_k or add images" if metric.startswith("precision") else ""
+    for image_set in (synthetic, real):
+        require_images(image_set, needed, metric, hint)
+
+
+def feature_metrics(real: np.ndarray, synthetic: np.ndarray, nearest_k: int, kid_subsets: int,
+                    kid_subset_size: int, seed: int) -> dict:
+    """Every metric computed from features, for one pair of feature sets."""
+    result = {"real_images": int(len(real)), "synthetic_images": int(len(synthetic)),
+              "frechet_distance": frechet_distance(real, synthetic)}
+    result.update(kernel_inception_distance(real, synthetic, kid_subsets, kid_subset_size, seed))
+    result.update(prdc(real, synthetic, nearest_k))
+    return result
+
+
+def per_label_metrics(real: np.ndarray, synthetic: np.ndarray, real_labels: list[str], synthetic_labels: list[str],
+                      nearest_k: int, kid_subsets: int, kid_subset_size: int, seed: int) -> dict:
+    """`feature_metrics` for each label both sets hold; a label too small says how many it needs."""
+    results = {}
+    needed = nearest_k + 1
+    for label in sorted(set(real_labels) & set(synthetic_labels) - {""}):
+        real_rows = [i for i, value in enumerate(real_labels) if value == label]
+        synthetic_rows = [i for i, value in enumerate(synthetic_labels) if value == label]
+        if min(len(real_rows), len(synthetic_rows)) < needed:
+            results[label] = {"real_images": len(real_rows), "synthetic_images": len(synthetic_rows),
+                              "skipped": f"needs at least {needed} images per set (k={nearest_k})"}
+            continue
+        results[label] = feature_metrics(real[real_rows], synthetic[synthetic_rows], nearest_k, kid_subsets,
+                                         kid_subset_size, seed)
+    return results
+
+
+def audit(real: ImageSet, synthetic: ImageSet, channels: int, space: str, threshold: float,
+          real_features: np.ndarray, synthetic_features: np.ndarray, fit: str) -> dict:
+    """The memorisation audit with its near-copies as (synthetic, nearest real) file pairs."""
+    if space == "pixels":
+        real_vectors = thumbnail_vectors(load_all(real, channels, AUDIT_RESOLUTION, fit))
+        synthetic_vectors = thumbnail_vectors(load_all(synthetic, channels, AUDIT_RESOLUTION, fit))
+        description = (f"standardised grey thumbnails, {fit} to {AUDIT_RESOLUTION}x{AUDIT_RESOLUTION} px "
+                       "(distance sqrt(2(1 - correlation)))")
+    else:
+        real_vectors, synthetic_vectors = real_features, synthetic_features
+        description = "Euclidean distance between the extractor's features"
+    result = memorisation_audit(real_vectors, synthetic_vectors, threshold)
+    real_files, synthetic_files = real.file_names, synthetic.file_names
+    ratios = result["ratios"]
+    return {
+        "space": space,
+        "description": description,
+        "reference": real.describe(),
+        "threshold": result["threshold"],
+        "real_scale": result["real_scale"],
+        "ratio_min": float(ratios.min()),
+        "ratio_median": float(np.median(ratios)),
+        "flagged_count": int(len(result["flagged"])),
+        "flagged_fraction": float(len(result["flagged"]) / len(ratios)),
+        "near_copies": [{"synthetic": synthetic_files[i], "synthetic_position": int(i),
+                         "nearest_real": real_files[result["nearest"][i]],
+                         "real_position": int(result["nearest"][i]), "ratio": float(ratios[i])}
+                        for i in result["flagged"]],
+    }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medaug")
+    except PackageNotFoundError:  # a checkout on sys.path, not installed
+        return "unknown"
+
+
+def _set_summary(image_set: ImageSet, flag: str) -> dict:
+    labels = image_set.labels
+    counts = {label: labels.count(label) for label in sorted(set(labels)) if label}
+    return {"flag": flag, "folder": str(image_set.root), "split": image_set.split or "all rows",
+            "images": len(image_set), "labels": counts}
+
+
+def evaluate(real: ImageSet, synthetic: ImageSet, extractor: Extractor, output_dir: str | Path,
+             nearest_k: int = 5, kid_subsets: int = 100, kid_subset_size: int = 1000, diversity_pairs: int = 100,
+             memorisation_space: str = "pixels", memorisation_threshold: float = DEFAULT_THRESHOLD,
+             save_features: bool = False, seed: int = 0, batch_size: int = 32,
+             progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Compute every metric, write `metrics.json`, `pca.png`, `report.html` (and `features.npz`); return the results."""
+    from medaug.report import write_report
+
+    if memorisation_space not in MEMORISATION_SPACES:
+        raise ValueError(f"--memorisation_space must be one of {MEMORISATION_SPACES}, got '{memorisation_space}'")
+    check_sizes(real, synthetic, nearest_k)
+    channels = check_same_channels(real, synthetic)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    def step(name: str, total: int) -> Callable[[int], None] | None:
+        return None if progress is None else (lambda n: progress(name, n, total))
+
+    real_features = extract_features(extractor, real, batch_size, step("real features", len(real)))
+    synthetic_features = extract_features(extractor, synthetic, batch_size,
+                                          step("synthetic features", len(synthetic)))
+    kid = dict(nearest_k=nearest_k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
+    results = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "medaug_version": _version(),
+        "real": _set_summary(real, real.flag),
+        "synthetic": _set_summary(synthetic, synthetic.flag),
+        "channels": channels,
+        "features": {**extractor.describe(), "dimensions": int(real_features.shape[1]),
+                     "metrics": feature_metrics(real_features, synthetic_features, **kid),
+                     "per_label": per_label_metrics(real_features, synthetic_features, real.labels,
+                                                    synthetic.labels, **kid)},
+        "diversity": {
+            "description": f"MONAI MS-SSIM between random pairs of images of one set, {extractor.fit} to "
+                           "192x192 px, data range 1 (lower: more diverse)",
+            "synthetic": ms_ssim_diversity(synthetic, channels, diversity_pairs, seed, extractor.fit),
+            "real": ms_ssim_diversity(real, channels, diversity_pairs, seed, extractor.fit),
+        },
+        "memorisation": audit(real, synthetic, channels, memorisation_space, memorisation_threshold,
+                              real_features, synthetic_features, extractor.fit),
+    }
+    plot_pca(output_dir / "pca.png", real_features, synthetic_features, real.labels, synthetic.labels,
+             title=f"PCA of {extractor.name} features ({extractor.source})")
+    results["files"] = {"metrics": "metrics.json", "report": "report.html", "pca": "pca.png"}
+    if save_features:
+        _save_features(output_dir / "features.npz", real, synthetic, real_features, synthetic_features, extractor)
+        results["files"]["features"] = "features.npz"
+    results["seconds"] = round(time.time() - started, 1)
+    (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_report(output_dir / "report.html", results, real, synthetic, channels, output_dir / "pca.png",
+                 grid_images=GRID_IMAGES, thumbnail_size=THUMBNAIL_SIZE, seed=seed)
+    return results
+
+
+def _save_features(path: Path, real: ImageSet, synthetic: ImageSet, real_features: np.ndarray,
+                   synthetic_features: np.ndarray, extractor: Extractor) -> None:
+    """Features with their file names and labels; plain arrays only, so `np.load` needs no pickle."""
+    np.savez(path, real=real_features, synthetic=synthetic_features,
+             real_file_names=np.array(real.file_names, dtype=str),
+             synthetic_file_names=np.array(synthetic.file_names, dtype=str),
+             real_labels=np.array(real.labels, dtype=str), synthetic_labels=np.array(synthetic.labels, dtype=str),
+             extractor=np.array(json.dumps(extractor.describe())))
