@@ -425,6 +425,7 @@ def main(args: argparse.Namespace) -> dict:
     rows = training_rows(folder, args.split, args.max_train_samples)
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_base(args)
     resolution = resolve_resolution(args, vae, unet)
+    torch.manual_seed(args.seed)  # new projections start the same in every run of this seed
     condition = build_condition(args, folder, rows, (tokenizer, text_encoder), unet.config.cross_attention_dim)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
@@ -442,7 +443,7 @@ def main(args: argparse.Namespace) -> dict:
                    if args.resume_from_checkpoint else None)
 
     # 3. What trains: LoRA or the whole UNet, the text encoder's LoRA, the condition projection.
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + 1)
     if args.train_mode == "lora":
         add_lora(unet, args.rank, UNET_TARGETS)
     else:
@@ -498,9 +499,9 @@ def main(args: argparse.Namespace) -> dict:
     micro_step = global_step * args.gradient_accumulation_steps
     while global_step < args.max_train_steps:
         epoch, done_in_epoch = divmod(global_step, steps_per_epoch)
-        sampler.set_epoch(epoch)
         skip = done_in_epoch * args.gradient_accumulation_steps
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch_loader.set_epoch(epoch)  # accelerate's loaders reset the sampler's epoch to their own count
         for indices in epoch_loader:
             generator = step_generator(args.seed, micro_step, accelerator.process_index)
             micro_step += 1
