@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from medaug.cli import app
+from medaug.data import ManifestEntry, append_manifest
 from medaug.metrics.distances import frechet_distance
 from medaug.metrics.imagesets import load_all, open_image_set
 from tests.conftest import shared_dataset
@@ -37,7 +38,10 @@ def copies_dir(phantom_dir, tmp_path_factory):
     fresh = make_phantom_dataset(tmp_path_factory.mktemp("fresh"), num_images=4, size=80, seed=99)
     new = [np.asarray(Image.open(path)) for path in sorted((fresh / "images").glob("*.png"))]
     labels = ["round", "irregular"] * 4
-    return write_images(tmp_path_factory.mktemp("synthetic"), train[:2] + noised + new, labels)
+    folder = write_images(tmp_path_factory.mktemp("synthetic"), train[:2] + noised + new, labels)
+    for number in range(8):
+        append_manifest(folder, ManifestEntry(file_name=f"images/{number:03d}.png", seed=number, model_dir="runs/lora"))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +61,8 @@ def test_evaluate_writes_metrics_report_plot_and_features(evaluated):
     features = metrics["features"]
     assert features["extractor"] == "hf" and "CLIPVisionModelWithProjection" in features["preprocessing"]
     assert metrics["real"]["images"] == 14 and metrics["synthetic"]["images"] == 8
+    assert metrics["synthetic"]["generated_by"] == ["runs/lora"]  # provenance from manifest.jsonl
+    assert len(metrics["memorisation"]["per_image"]) == 8
     assert set(features["per_label"]) == {"round", "irregular"}
     assert "Fréchet distance" in text and "extractor hf" in text
     with np.load(output / "features.npz") as saved:  # anyone can recompute a number from the saved features

@@ -228,3 +228,19 @@ def test_hf_extractor_reads_a_stable_diffusion_folder_or_its_image_encoder(tiny_
         build_extractor("hf", model_path=phantom_dir)
     with pytest.raises(ExtractorError, match="--features encoder needs --encoder_dir"):
         build_extractor("encoder")
+
+
+def test_simclr_loss_rewards_matching_views_and_augment_makes_different_valid_views():
+    from medaug.metrics.encoder import augment, nt_xent
+
+    distinct = torch.eye(8, 16) * 10  # eight orthogonal embeddings: cosine 1 with their pair, 0 with the 14 others
+    matched = nt_xent(distinct, distinct, temperature=0.2)
+    assert matched.item() == pytest.approx(np.log(1 + 14 * np.exp(-5)), rel=1e-5)
+    shifted = nt_xent(distinct, distinct.roll(1, dims=0), 0.2)  # every view paired with the wrong image
+    assert shifted.item() == pytest.approx(np.log(np.exp(5) + 14), rel=1e-5)  # the impostor wins
+    images = torch.rand(4, 1, 32, 32)
+    first = augment(images, torch.Generator().manual_seed(1))
+    again = augment(images, torch.Generator().manual_seed(1))
+    second = augment(images, torch.Generator().manual_seed(2))
+    assert first.shape == images.shape and 0 <= first.min() and first.max() <= 1
+    assert torch.equal(first, again) and not torch.allclose(first, second) and not torch.allclose(first, images)

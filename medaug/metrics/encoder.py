@@ -164,6 +164,15 @@ def _learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _batches(count: int, batch_size: int, seed: int):
+    """Endless index batches, reshuffled each epoch; a short last batch is dropped (SimCLR wants full ones)."""
+    order = np.random.default_rng(seed)
+    while True:
+        permutation = order.permutation(count)
+        for start in range(0, count - batch_size + 1, batch_size):
+            yield permutation[start:start + batch_size]
+
+
 def train_encoder(
     images: torch.Tensor,
     output_dir: str | Path,
@@ -177,44 +186,41 @@ def train_encoder(
     device: str = "cpu",
     on_step: Callable[[int, float], None] | None = None,
 ) -> DomainEncoder:
-    """Train a `DomainEncoder` with SimCLR on `images` (N, C, R, R) in [0, 1] and save it to `output_dir`."""
+    """Train a `DomainEncoder` with SimCLR on `images` (N, C, R, R) in [0, 1] and save it to `output_dir`.
+
+    `output_dir/training_log.jsonl` gets one line per step as training goes, so a long run can be watched.
+    """
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     encoder = DomainEncoder(in_channels=images.shape[1], resolution=images.shape[-1],
                             block_channels=tuple(block_channels), fit=fit).to(device).train()
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=learning_rate, weight_decay=1e-4)
-    batch_size = min(train_batch_size, images.shape[0])
-    order = np.random.default_rng(seed)
-    log = []
-    permutation, cursor = order.permutation(images.shape[0]), 0
-    for step in range(max_train_steps):
-        if cursor + batch_size > len(permutation):
-            permutation, cursor = order.permutation(images.shape[0]), 0
-        batch = images[permutation[cursor:cursor + batch_size]].to(device)
-        cursor += batch_size
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, max_train_steps, learning_rate, warmup=max(1, max_train_steps // 20))
-        loss = nt_xent(encoder(augment(batch, generator)), encoder(augment(batch, generator)), temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        log.append({"step": step + 1, "loss": loss.item(), "time": time.time()})
-        if on_step is not None:
-            on_step(step + 1, log[-1]["loss"])
+    batches = _batches(images.shape[0], min(train_batch_size, images.shape[0]), seed)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / "training_log.jsonl", "w", encoding="utf-8") as log:
+        for step in range(max_train_steps):
+            batch = images[next(batches)].to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(step, max_train_steps, learning_rate, max(1, max_train_steps // 20))
+            loss = nt_xent(encoder(augment(batch, generator)), encoder(augment(batch, generator)), temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            log.write(json.dumps({"step": step + 1, "loss": loss.item(), "time": round(time.time(), 3)}) + "\n")
+            log.flush()
+            if on_step is not None:
+                on_step(step + 1, loss.item())
     encoder.eval()
-    save_encoder(encoder, output_dir, log)
+    save_encoder(encoder, output_dir)
     return encoder
 
 
-def save_encoder(encoder: DomainEncoder, output_dir: str | Path, log: list[dict]) -> None:
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+def save_encoder(encoder: DomainEncoder, output_dir: str | Path) -> None:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # one tiny shard: its bar is only noise
     encoder.save_pretrained(output_dir)
-    with open(output_dir / "training_log.jsonl", "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(entry) + "\n" for entry in log)
 
 
 def load_encoder(encoder_dir: str | Path) -> DomainEncoder:

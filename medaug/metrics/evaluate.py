@@ -16,8 +16,15 @@ from typing import Callable
 
 import numpy as np
 
-from medaug.metrics.distances import KID_MIN_IMAGES, frechet_distance, kernel_inception_distance, prdc
-from medaug.metrics.diversity import ms_ssim_diversity
+from medaug.data import read_manifest
+from medaug.metrics.distances import (
+    FRECHET_MIN_IMAGES,
+    KID_MIN_IMAGES,
+    frechet_distance,
+    kernel_inception_distance,
+    prdc,
+)
+from medaug.metrics.diversity import MS_SSIM_MIN_IMAGES, ms_ssim_diversity
 from medaug.metrics.features import Extractor, extract_features
 from medaug.metrics.imagesets import ImageSet, check_same_channels, load_all, require_images
 from medaug.metrics.memorisation import AUDIT_RESOLUTION, DEFAULT_THRESHOLD, memorisation_audit, thumbnail_vectors
@@ -28,18 +35,16 @@ THUMBNAIL_SIZE = 128
 MEMORISATION_SPACES = ("pixels", "features")
 
 
-def images_needed(nearest_k: int) -> dict[str, int]:
-    """The fewest images per set each metric is defined for."""
-    return {"precision/recall/density/coverage (k={})".format(nearest_k): nearest_k + 1,
-            "KID": KID_MIN_IMAGES, "Fréchet distance": 2, "MS-SSIM diversity": 2}
-
-
 def check_sizes(real: ImageSet, synthetic: ImageSet, nearest_k: int) -> None:
-    """Raise before any work when a set is too small for a metric, saying how many images it needs."""
-    metric, needed = max(images_needed(nearest_k).items(), key=lambda item: item[1])
-    hint = "lower --nearest_k or add images" if metric.startswith("precision") else ""
+    """Raise before any work when a set is too small, saying how many images the neediest metric needs.
+
+    Precision/recall/density/coverage need k neighbours besides the image itself (k + 1 >= 2 images); the
+    Fréchet distance, KID, MS-SSIM and the memorisation audit need 2, so k + 1 covers them all.
+    """
+    needed = max(nearest_k + 1, FRECHET_MIN_IMAGES, KID_MIN_IMAGES, MS_SSIM_MIN_IMAGES)
     for image_set in (synthetic, real):
-        require_images(image_set, needed, metric, hint)
+        require_images(image_set, needed, f"precision/recall/density/coverage with k={nearest_k}",
+                       "lower --nearest_k or add images")
 
 
 def feature_metrics(real: np.ndarray, synthetic: np.ndarray, nearest_k: int, kid_subsets: int,
@@ -93,11 +98,16 @@ def audit(real: ImageSet, synthetic: ImageSet, channels: int, space: str, thresh
         "ratio_median": float(np.median(ratios)),
         "flagged_count": int(len(result["flagged"])),
         "flagged_fraction": float(len(result["flagged"]) / len(ratios)),
-        "near_copies": [{"synthetic": synthetic_files[i], "synthetic_position": int(i),
-                         "nearest_real": real_files[result["nearest"][i]],
-                         "real_position": int(result["nearest"][i]), "ratio": float(ratios[i])}
-                        for i in result["flagged"]],
+        "near_copies": [_pair(i, result, real_files, synthetic_files) for i in result["flagged"]],
+        "per_image": [_pair(i, result, real_files, synthetic_files) for i in range(len(ratios))],
     }
+
+
+def _pair(position: int, result: dict, real_files: list[str], synthetic_files: list[str]) -> dict:
+    nearest = int(result["nearest"][position])
+    return {"synthetic": synthetic_files[position], "synthetic_position": int(position),
+            "nearest_real": real_files[nearest], "real_position": nearest,
+            "ratio": float(result["ratios"][position])}
 
 
 def _version() -> str:
@@ -112,8 +122,12 @@ def _version() -> str:
 def _set_summary(image_set: ImageSet, flag: str) -> dict:
     labels = image_set.labels
     counts = {label: labels.count(label) for label in sorted(set(labels)) if label}
-    return {"flag": flag, "folder": str(image_set.root), "split": image_set.split or "all rows",
-            "images": len(image_set), "labels": counts}
+    summary = {"flag": flag, "folder": str(image_set.root), "split": image_set.split or "all rows",
+               "images": len(image_set), "labels": counts}
+    models = sorted({entry.model_dir for entry in read_manifest(image_set.root) if entry.model_dir})
+    if models:  # a synthetic folder says which model folders made it
+        summary["generated_by"] = models
+    return summary
 
 
 def evaluate(real: ImageSet, synthetic: ImageSet, extractor: Extractor, output_dir: str | Path,
