@@ -225,3 +225,24 @@ def test_bad_flags_are_refused_before_loading(tmp_path, phantom_dir):
         finetune.parse_args(["--pretrained_model_name_or_path", "org/model", *base, "--conditioning", "embedding"])
     with pytest.raises(DatasetError, match="unknown split 'holdout'"):
         run("org/model", phantom_dir, tmp_path / "out", tmp_path / "cache", "--split", "holdout")
+
+
+def test_accelerate_launch_with_two_cpu_processes(tiny_model_dir, phantom_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    accelerate = Path(sys.executable).parent / "accelerate"
+    # accelerate's --cpu flag starts a single process unless MPI is installed; --multi_gpu starts two through
+    # torchrun, and the script's Accelerator(cpu=True) joins them in a CPU (gloo) group.
+    command = [str(accelerate), "launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train_scripts" / "finetune.py"),
+               "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir", str(phantom_dir),
+               "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--max_train_steps", "2",
+               "--train_batch_size", "2", "--checkpointing_steps", "1", "--report_to", "none"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "medaug_args.json").read_text())
+    assert record["num_processes"] == 2
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "out" / "checkpoint-2" / "unet.safetensors").is_file()

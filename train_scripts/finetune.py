@@ -397,6 +397,7 @@ def save_outputs(args, accelerator, unet, text_encoder, condition, resolution, s
                                                                        safe_serialization=True)
     base = Path(args.pretrained_model_name_or_path).expanduser()
     record = dict(vars(args), resolution=resolution, vae_scaling_factor=scaling_factor,
+                  num_processes=accelerator.num_processes,
                   base_model=str(base.resolve()) if base.is_dir() else args.pretrained_model_name_or_path)
     (output_dir / "medaug_args.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
@@ -412,6 +413,9 @@ def main(args: argparse.Namespace) -> dict:
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
+        # Without an accelerator, say so: then several launched processes form a CPU (gloo) group instead
+        # of each training alone.
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
