@@ -43,11 +43,12 @@ def load_study_data(task: str, real_dir: str | Path, synthetic_dirs: list[str | 
     if task == "seg":
         splits = {split: _rows_with_masks(real, rows, split, notes) for split, rows in splits.items()}
     classes = _classes(real, splits, label_column) if task == "cls" else []
+    real_labels = {real.value(i, label_column) for i in range(len(real))} - {""}
     items = {split: [_item(real, i, "real", label_column, classes) for i in rows] for split, rows in splits.items()}
     synthetic = []
     for directory in synthetic_dirs:
         folder = _open_folder(directory, "--synthetic", check_images)
-        rows = _synthetic_rows(folder, task, label_column, set(classes))
+        rows = _synthetic_rows(folder, task, label_column, real_labels)
         _refuse_test_sources(folder, real, splits["test"])
         synthetic += [_item(folder, i, "synthetic", label_column, classes) for i in rows]
         if not read_manifest(folder.root):
@@ -105,7 +106,7 @@ def _classes(folder: DatasetFolder, splits: dict[str, list[int]], label_column: 
     return sorted(trained)
 
 
-def _synthetic_rows(folder: DatasetFolder, task: str, label_column: str, classes: set[str]) -> list[int]:
+def _synthetic_rows(folder: DatasetFolder, task: str, label_column: str, real_labels: set[str]) -> list[int]:
     other = [i + 1 for i in range(len(folder)) if folder.split(i) != "train"]
     if other:
         raise StudyError(f"--synthetic {folder.metadata_path}: rows {_shorten(other)} are not split 'train'; "
@@ -122,10 +123,10 @@ def _synthetic_rows(folder: DatasetFolder, task: str, label_column: str, classes
             unlabelled = [i + 1 for i in rows if not folder.value(i, label_column)]
             raise StudyError(f"--synthetic {folder.metadata_path}: rows {_shorten(unlabelled)} have an empty "
                              f"column '{label_column}'")
-        unknown = sorted(labels - classes - {""}) if classes else []
+        unknown = sorted(labels - real_labels - {""}) if real_labels else []
         if unknown:
             raise StudyError(f"--synthetic {folder.metadata_path}: label(s) {unknown} of column '{label_column}' "
-                             f"are not in the real set (which has {sorted(classes)})")
+                             f"are not in the real set (which has {sorted(real_labels)})")
     return rows
 
 

@@ -203,8 +203,9 @@ def test_synthetic_images_without_masks_are_refused_for_segmentation(phantom_dir
 
 def test_synthetic_labels_the_real_set_lacks_are_refused(phantom_dir, tmp_path):
     synthetic = _synthetic_copy(phantom_dir, tmp_path / "syn", label="spiculated")
-    with pytest.raises(StudyError, match=r"label\(s\) \['spiculated'\] of column 'label' are not in the real set"):
-        load_study_data("cls", phantom_dir, [synthetic])
+    for task in ("cls", "seg"):
+        with pytest.raises(StudyError, match=r"label\(s\) \['spiculated'\] of column 'label' are not in the real"):
+            load_study_data(task, phantom_dir, [synthetic])
 
 
 def test_a_synthetic_folder_generated_from_test_sources_is_refused(phantom_dir, tmp_path):
