@@ -289,8 +289,13 @@ def cached_features(args, condition, inputs, cache: TensorCache, accelerator) ->
         return None
     if args.conditioning == "embedding":
         return compute_features(args, condition, inputs)  # already precomputed: nothing to cache
-    encoder = condition.text_encoder if args.conditioning == "text" else condition.image_encoder
-    key = {"kind": f"{args.conditioning}-features-v1", "encoder": folder_identity(Path(encoder.name_or_path)),
+    base = Path(args.pretrained_model_name_or_path)
+    if args.conditioning == "text":
+        encoders = [base / "text_encoder", base / "tokenizer"]
+    else:
+        encoders = [Path(args.image_encoder_name_or_path)] if args.image_encoder_name_or_path else [
+            base / "image_encoder", base / "feature_extractor"]
+    key = {"kind": f"{args.conditioning}-features-v1", "encoders": [folder_identity(path) for path in encoders],
            "inputs": [str(x) if args.conditioning == "text" else file_identity(x) for x in inputs]}
     with accelerator.main_process_first():
         return cache.load_or_compute(f"{args.conditioning}-features", key,
