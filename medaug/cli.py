@@ -161,6 +161,9 @@ app.command("train-encoder")(train_encoder_command)
 from medaug.commands.bench import bench_command  # noqa: E402
 app.command("bench")(bench_command)
 
+from medaug.commands.embed import embed_command  # noqa: E402
+app.command("embed")(embed_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     app()

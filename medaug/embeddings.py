@@ -52,6 +52,16 @@ def load_embeddings(
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return _read_npz(path)
+    except ValueError as error:
+        if "allow_pickle" not in str(error):
+            raise
+        raise EmbeddingError(f"{path}: holds pickled Python objects, which medaug does not load; save keys as a "
+                             "string array (np.array(keys, dtype=str))") from None
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as archive:
         names = set(archive.files)
         if {"file_name", "embeddings"} <= names:
@@ -107,3 +117,52 @@ def check_embeddings(
         if not np.all(np.isfinite(value)):
             raise EmbeddingError(f"{source}: '{key}' contains NaN or infinite values")
     return tuple(shape)
+
+
+def import_embeddings(
+    keys_by_file: dict[str, str], source: str | Path, key_column: str = "file_name", value_column: str = "embedding",
+    shape: tuple[int, ...] | None = None,
+) -> dict[str, np.ndarray]:
+    """Precomputed embeddings (ELIXR, Path Foundation, ...) re-keyed by dataset `file_name` and checked.
+
+    `keys_by_file` maps each row's file_name to its key in the source file (the file_name itself, or another
+    metadata column such as an image id).
+    """
+    table = load_embeddings(source, key_column, value_column, shape)
+    by_key = {key: file_name for file_name, key in keys_by_file.items()}
+    check_embeddings(table, list(by_key), source)
+    return {by_key[key]: table[key] for key in by_key}
+
+
+def load_vision_model(model_path: str | Path):
+    """A local Hugging Face vision model and its image processor (for `medaug init-model`'s image_encoder/,
+    the processor is the sibling feature_extractor/)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    model_path = Path(model_path)
+    if not (model_path / "config.json").is_file():
+        raise EmbeddingError(f"{model_path}: not a Hugging Face model folder (no config.json)")
+    config = AutoConfig.from_pretrained(model_path)
+    model_class = CLIPVisionModelWithProjection if "clip" in config.model_type else AutoModel
+    model = model_class.from_pretrained(model_path).eval()
+    for candidate in (model_path, model_path.parent / "feature_extractor"):
+        if (candidate / "preprocessor_config.json").is_file():
+            return model, AutoImageProcessor.from_pretrained(candidate)
+    size = getattr(getattr(model, "config", None), "image_size", 224)
+    return model, CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def embed_images(model, processor, images: list[np.ndarray], tokens: bool = False) -> np.ndarray:
+    """Embeddings of (H, W, 3) float images in [0, 1]: a vector each, or (L, D) token matrices with `tokens`."""
+    import torch
+
+    inputs = processor(images=images, do_rescale=False, return_tensors="pt")
+    with torch.no_grad():
+        output = model(pixel_values=inputs.pixel_values.to(model.device, model.dtype))
+    if tokens:
+        return output.last_hidden_state.float().cpu().numpy()
+    for name in ("image_embeds", "pooler_output"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value.float().cpu().numpy()
+    return output.last_hidden_state.mean(dim=1).float().cpu().numpy()

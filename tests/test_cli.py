@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "inspect": ["--split", "--skip_images", "--json"],
     "init-model": ["--output_dir", "--preset", "--prompts_from", "--seed", "--overwrite"],
     "phantom": ["--output_dir", "--num_images", "--size", "--seed", "--overwrite"],
+    "embed": ["--output", "--model_path", "--import_file", "--key_column", "--value_column", "--match_column",
+              "--shape", "--tokens", "--split", "--batch_size"],
     "evaluate": ["--real", "--synthetic", "--output_dir", "--features", "--inception_weights", "--model_path",
                  "--encoder_dir", "--real_split", "--synthetic_split", "--save_features", "--nearest_k",
                  "--kid_subsets", "--copy_threshold", "--max_images"],
