@@ -133,8 +133,16 @@ def test_cache_is_reused_and_invalidated_by_resolution(tiny_model_dir, phantom_d
     assert run(tiny_model_dir, phantom_dir, tmp_path / "c", cache, "--resolution", "32", steps=1)["computed"] == [
         "latents"]
     assert run(tiny_model_dir, phantom_dir, tmp_path / "d", cache, "--no_cache", "--resolution", "48",
-               steps=1)["computed"] == ["latents"]
-    assert len(list(cache.glob("latents-*.safetensors"))) == 2  # --no_cache wrote nothing
+               steps=1)["computed"] == []
+    assert len(list(cache.glob("latents-*.safetensors"))) == 2  # --no_cache neither reads nor writes
+
+
+@pytest.mark.parametrize("kind", ["text", "clip_image"])
+def test_cached_and_per_step_encoding_train_identically(kind, tiny_model_dir, phantom_dir, tmp_path):
+    flags = ["--conditioning", kind, "--random_flip", "--condition_dropout", "0.3"]
+    cached = run(tiny_model_dir, phantom_dir, tmp_path / "a", tmp_path / "cache", *flags, steps=4)
+    per_step = run(tiny_model_dir, phantom_dir, tmp_path / "b", tmp_path / "cache", *flags, "--no_cache", steps=4)
+    np.testing.assert_allclose(per_step["losses"], cached["losses"], rtol=1e-4)
 
 
 def test_checkpoints_are_pruned_and_validation_grid_written(tiny_model_dir, phantom_dir, tmp_path):

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                       help="Probability of replacing a condition by the unconditional embedding (for guidance).")
     data.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR),
                       help="Where latents and condition features are cached across runs ($MEDAUG_CACHE).")
-    data.add_argument("--no_cache", action="store_true", help="Encode every step, as a stock training loop does.")
+    data.add_argument("--no_cache", action="store_true",
+                      help="Encode images and conditions at every step, as a stock training loop does (slower; "
+                           "for comparison and for data too large to cache).")
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="medaug-finetune")
@@ -192,26 +195,38 @@ def training_rows(folder: DatasetFolder, split: str, max_samples: int | None) ->
     return rows[:max_samples] if max_samples else rows
 
 
-def encode_latents(vae, dataset: MedicalImageDataset, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    means, stds = [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="encoding latents", leave=False):
-        pixels = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + batch_size, len(dataset)))])
-        with torch.no_grad():
-            distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        means.append(distribution.mean.float().cpu())
-        stds.append(distribution.std.float().cpu())
-    return {"mean": torch.cat(means), "std": torch.cat(stds)}
-
-
-def cached_latents(args, vae, folder, rows, resolution, cache: TensorCache, accelerator) -> dict[str, torch.Tensor]:
+def pixel_dataset(args, folder, rows, resolution) -> MedicalImageDataset:
+    """The training rows as [-1, 1] RGB tensors; building it checks every file."""
     dataset = MedicalImageDataset(folder, split=args.split, resolution=resolution, channels=3, fit=args.fit)
     dataset.indices = rows
+    return dataset
+
+
+def encode_latents(vae, dataset: MedicalImageDataset, positions: list[int]) -> dict[str, torch.Tensor]:
+    """Mean and std of the VAE posterior of the dataset items at `positions`."""
+    pixels = torch.stack([dataset[i]["pixel_values"] for i in positions])
+    with torch.no_grad():
+        distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return {"mean": distribution.mean.float().cpu(), "std": distribution.std.float().cpu()}
+
+
+def encode_all_latents(vae, dataset: MedicalImageDataset, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    parts = [encode_latents(vae, dataset, list(range(start, min(start + batch_size, len(dataset)))))
+             for start in tqdm(range(0, len(dataset), batch_size), desc="encoding latents", leave=False)]
+    return {key: torch.cat([part[key] for part in parts]) for key in ("mean", "std")}
+
+
+def cached_latents(args, vae, folder, rows, dataset, cache: TensorCache, accelerator) -> dict[str, torch.Tensor] | None:
+    """Latent distributions of every training row, from the cache or computed once; None with --no_cache."""
+    if args.no_cache:
+        return None
+    resolution = dataset.resolution
     key = {"kind": "latents-v1", "vae": folder_identity(Path(args.pretrained_model_name_or_path) / "vae"),
            "resolution": resolution, "fit": args.fit,
            "rows": [(file_identity(folder.path(i, "file_name")), folder.value(i, "slice_index")) for i in rows]}
     with accelerator.main_process_first():
-        return cache.load_or_compute("latents", key, lambda: encode_latents(vae, dataset),
-                                     write=accelerator.is_main_process and not args.no_cache)
+        return cache.load_or_compute("latents", key, lambda: encode_all_latents(vae, dataset),
+                                     write=accelerator.is_main_process)
 
 
 def build_condition(args, folder, rows, base_modules, cross_attention_dim):
@@ -272,9 +287,10 @@ def condition_inputs(args, condition, folder, rows) -> list:
     return [folder.value(i, "file_name") for i in rows]
 
 
-def compute_features(args, condition, inputs, batch_size: int = 16) -> torch.Tensor:
+def compute_features(args, condition, inputs, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
     chunks = []
-    for start in tqdm(range(0, len(inputs), batch_size), desc="encoding conditions", leave=False):
+    for start in tqdm(range(0, len(inputs), batch_size), desc="encoding conditions", leave=False,
+                      disable=not progress):
         chunk = inputs[start:start + batch_size]
         if args.conditioning == "clip_image":
             chunk = [load_image(path, channels=3) for path in chunk]
@@ -284,8 +300,8 @@ def compute_features(args, condition, inputs, batch_size: int = 16) -> torch.Ten
 
 
 def cached_features(args, condition, inputs, cache: TensorCache, accelerator) -> torch.Tensor | None:
-    """Frozen condition features per row, or None when they change during training (text-encoder LoRA)."""
-    if args.train_text_encoder:
+    """Frozen condition features per row, or None to encode each batch (--no_cache, text-encoder LoRA)."""
+    if args.train_text_encoder or args.no_cache:
         return None
     if args.conditioning == "embedding":
         return compute_features(args, condition, inputs)  # already precomputed: nothing to cache
@@ -300,7 +316,7 @@ def cached_features(args, condition, inputs, cache: TensorCache, accelerator) ->
     with accelerator.main_process_first():
         return cache.load_or_compute(f"{args.conditioning}-features", key,
                                      lambda: {"features": compute_features(args, condition, inputs)},
-                                     write=accelerator.is_main_process and not args.no_cache)["features"]
+                                     write=accelerator.is_main_process)["features"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -332,8 +348,13 @@ def diffusion_loss(args, unet, noise_scheduler, latents, hidden_states, generato
     return (per_sample * weights).mean()
 
 
-def batch_latents(latents, indices, generator, scaling_factor, random_flip, device):
-    mean, std = latents["mean"][indices], latents["std"][indices]
+def batch_latents(latents, vae, dataset, indices, generator, scaling_factor, random_flip, device):
+    """Scaled latents of a batch, drawn from cached posteriors or (without a cache) encoded now."""
+    if latents is None:
+        posterior = encode_latents(vae, dataset, indices.tolist())
+    else:
+        posterior = {key: value[indices] for key, value in latents.items()}
+    mean, std = posterior["mean"], posterior["std"]
     sample = mean + std * torch.randn(mean.shape, generator=generator)
     if random_flip:
         flip = torch.rand(sample.shape[0], generator=generator) < 0.5
@@ -344,8 +365,11 @@ def batch_latents(latents, indices, generator, scaling_factor, random_flip, devi
 def batch_hidden_states(args, condition, features, inputs, indices, generator, device, dtype):
     if features is not None:
         batch_features = features[indices].to(device)
-    else:  # text encoder is being trained: encode the prompts now
+    elif args.train_text_encoder:  # gradients must flow into the text encoder
         batch_features = condition.features([inputs[i] for i in indices.tolist()])
+    else:
+        batch_features = compute_features(args, condition, [inputs[i] for i in indices.tolist()],
+                                          progress=False).to(device)
     hidden = condition.hidden_states(batch_features.to(dtype) if condition.projection is None else batch_features)
     if args.condition_dropout > 0:
         drop = (torch.rand(hidden.shape[0], generator=generator) < args.condition_dropout).to(device)
@@ -445,7 +469,8 @@ def main(args: argparse.Namespace) -> dict:
 
     # 2. Latents and condition features, cached across epochs and runs.
     cache = TensorCache(args.cache_dir)
-    latents = cached_latents(args, vae, folder, rows, resolution, cache, accelerator)
+    dataset = pixel_dataset(args, folder, rows, resolution)
+    latents = cached_latents(args, vae, folder, rows, dataset, cache, accelerator)
     inputs = condition_inputs(args, condition, folder, rows)
     features = cached_features(args, condition, inputs, cache, accelerator)
     resume_path = (resolve_checkpoint(output_dir, args.resume_from_checkpoint)
@@ -506,6 +531,7 @@ def main(args: argparse.Namespace) -> dict:
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     micro_step = global_step * args.gradient_accumulation_steps
+    first_step, started = global_step, time.perf_counter()
     while global_step < args.max_train_steps:
         epoch, done_in_epoch = divmod(global_step, steps_per_epoch)
         skip = done_in_epoch * args.gradient_accumulation_steps
@@ -515,8 +541,8 @@ def main(args: argparse.Namespace) -> dict:
             generator = step_generator(args.seed, micro_step, accelerator.process_index)
             micro_step += 1
             with accelerator.accumulate(*modules):
-                model_latents = batch_latents(latents, indices.cpu(), generator, scaling_factor, args.random_flip,
-                                              accelerator.device).to(weight_dtype)
+                model_latents = batch_latents(latents, vae, dataset, indices.cpu(), generator, scaling_factor,
+                                              args.random_flip, accelerator.device).to(weight_dtype)
                 hidden = batch_hidden_states(args, condition, features, inputs, indices.cpu(), generator,
                                              accelerator.device, weight_dtype)
                 loss = diffusion_loss(args, unet, noise_scheduler, model_latents, hidden.to(weight_dtype), generator)
@@ -545,6 +571,7 @@ def main(args: argparse.Namespace) -> dict:
             if global_step >= args.max_train_steps:
                 break
     progress.close()
+    train_seconds = time.perf_counter() - started
 
     # 7. Save the output folder.
     accelerator.wait_for_everyone()
@@ -552,7 +579,8 @@ def main(args: argparse.Namespace) -> dict:
         save_outputs(args, accelerator, unet, text_encoder, condition, resolution, scaling_factor)
     accelerator.end_training()
     return {"global_step": global_step, "losses": losses, "computed": list(cache.computed),
-            "resolution": resolution, "output_dir": str(output_dir)}
+            "resolution": resolution, "output_dir": str(output_dir), "train_seconds": train_seconds,
+            "steps_per_second": (global_step - first_step) / train_seconds if train_seconds else 0.0}
 
 
 if __name__ == "__main__":
