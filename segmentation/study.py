@@ -35,7 +35,7 @@ SYNTHETIC_ARMS = ("real+synthetic", "synthetic", "classical+synthetic")
 DEFAULT_LEARNING_RATE = {"seg": 1e-3, "cls": 3e-4}
 STUDY_FILE = "study.json"
 # Settings that change what a finished run means; a resumed study must keep them.
-FIXED_SETTINGS = ("task", "data", "synthetic", "network", "resolution", "channels", "fit", "epochs",
+FIXED_SETTINGS = ("task", "data", "synthetic", "images", "network", "resolution", "channels", "fit", "epochs",
                   "batch_size", "learning_rate", "label_column")
 
 
@@ -165,6 +165,9 @@ def run_study(
         "synthetic": [str(Path(d).resolve()) for d in synthetic_dirs], "network": network,
         "resolution": resolution, "channels": channels, "fit": fit, "epochs": epochs, "batch_size": batch_size,
         "learning_rate": learning_rate or DEFAULT_LEARNING_RATE[task], "label_column": label_column,
+        # a folder that gained or lost images since its runs finished would make them incomparable
+        "images": {"train": len(data.train), "val": len(data.val), "test": len(data.test),
+                   "synthetic": len(data.synthetic)},
     }
     output_dir = Path(output_dir)
     runs = plan_runs(arms, real_fractions, synthetic_ratios, seeds)

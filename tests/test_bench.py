@@ -102,6 +102,11 @@ def test_a_tiny_study_writes_every_output_then_resumes_only_unfinished_runs(phan
 
     with pytest.raises(StudyError, match=r"epochs \(was 2, now 3\)"):
         run_study("seg", phantom_dir, output, **{**settings, "epochs": 3})
+    fewer = tmp_path / "fewer"
+    shutil.copytree(synthetic_dir, fewer)
+    pd.read_csv(fewer / "metadata.csv").head(10).to_csv(fewer / "metadata.csv", index=False)
+    with pytest.raises(StudyError, match=r"images \(was .*'synthetic': 12.*now .*'synthetic': 10"):
+        run_study("seg", phantom_dir, output, **{**settings, "synthetic_dirs": [fewer]})
 
 
 def test_bench_cls_from_the_command_line_saves_scores_and_gradcam(phantom_dir, tmp_path):
