@@ -1,17 +1,20 @@
 """Condition encoders: every kind of prompt becomes the UNet's `encoder_hidden_states` (batch, tokens, width).
 
-A condition has two halves. The frozen half (`features`) turns a dataset row into a tensor that never
-changes during training (CLIP text hidden states, CLIP image embeddings, a precomputed foundation-model
-embedding), so it can be computed once and cached. The trainable half (`ConditionProjection`, a diffusers
-`ModelMixin`) maps features to hidden states and holds a learned unconditional embedding for condition
-dropout and classifier-free guidance. Text needs no projection: its unconditional embedding is the empty
-prompt's.
+A condition has two halves. The frozen half (`features`) turns what a dataset row holds (`inputs`: a prompt,
+a reference image path, an embedding key) into a tensor that never changes during training, so it can be
+computed once and cached (`cache_sources` names the model files it depends on). The trainable half
+(`ConditionProjection`, a diffusers `ModelMixin`) maps features to hidden states and holds a learned
+unconditional embedding for condition dropout and classifier-free guidance. Text needs no projection: its
+unconditional embedding is the empty prompt's.
 
-Adding a kind is one class here and one entry in `CONDITION_KINDS`.
+Adding a kind is one class here (with `build`, `inputs`, `input_identity`, `features`, `cache_sources`,
+`frozen_modules`, `hidden_states`, `unconditional_embedding`) and one entry in `CONDITION_KINDS`; training
+scripts do not change.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,13 @@ class ConditionProjection(ModelMixin, ConfigMixin):
         self.output_norm = nn.LayerNorm(cross_attention_dim)
         self.unconditional = nn.Parameter(torch.randn(1, self.tokens, cross_attention_dim) * 0.02)
 
+    @classmethod
+    def for_features(cls, feature_shape: tuple[int, ...], cross_attention_dim: int, tokens: int = 4):
+        """A projection for features of shape (D,) (expanded to `tokens`) or (L, D) (one token each)."""
+        input_tokens = feature_shape[0] if len(feature_shape) == 2 else 0
+        return cls(input_dim=feature_shape[-1], cross_attention_dim=cross_attention_dim, input_tokens=input_tokens,
+                   output_tokens=tokens)
+
     @property
     def feature_shape(self) -> tuple[int, ...]:
         tokens, width = self.config.input_tokens, self.config.input_dim
@@ -54,20 +64,41 @@ class TextCondition:
     """CLIP text encoder hidden states of a prompt; the empty prompt is the unconditional embedding."""
 
     kind = "text"
-    column = "text"
 
-    def __init__(self, tokenizer, text_encoder):
+    def __init__(self, tokenizer, text_encoder, caption_column: str = "text", sources: tuple[Path, ...] = ()):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.caption_column = caption_column
+        self.cache_sources = sources
         self.projection = None
+
+    @classmethod
+    def build(cls, base: str, tokenizer, text_encoder, caption_column: str = "text", **_):
+        return cls(tokenizer, text_encoder, caption_column, (Path(base) / "text_encoder", Path(base) / "tokenizer"))
+
+    def inputs(self, folder, rows: list[int]) -> list[str]:
+        """Each row's prompt; a missing column or an empty prompt is refused by name."""
+        if not folder.has_column(self.caption_column):
+            raise ValueError(f"--caption_column: column '{self.caption_column}' not in {folder.metadata_path}")
+        texts = [folder.value(i, self.caption_column) for i in rows]
+        empty = [i + 1 for i, text in zip(rows, texts) if not text]
+        if empty:
+            raise ValueError(f"{folder.metadata_path}: column '{self.caption_column}' is empty in {len(empty)} "
+                             f"row(s) (rows {', '.join(map(str, empty[:10]))}); text conditioning needs a prompt")
+        return texts
+
+    def input_identity(self, inputs: list[str]) -> list[str]:
+        return list(inputs)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return []  # the text encoder belongs to the base model, which the training script places
 
     def token_ids(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids
 
     def features(self, texts: list[str]) -> torch.Tensor:
-        device = self.text_encoder.device
-        return self.text_encoder(self.token_ids(texts).to(device))[0]
+        return self.text_encoder(self.token_ids(texts).to(self.text_encoder.device))[0]
 
     def hidden_states(self, features: torch.Tensor) -> torch.Tensor:
         return features
@@ -93,38 +124,97 @@ class ClipImageCondition(ProjectedCondition):
 
     kind = "clip_image"
 
-    def __init__(self, image_encoder, image_processor, projection: ConditionProjection):
+    def __init__(self, image_encoder, image_processor, projection: ConditionProjection,
+                 reference_column: str = "file_name", sources: tuple[Path, ...] = ()):
         self.image_encoder = image_encoder
         self.image_processor = image_processor
         self.projection = projection
+        self.reference_column = reference_column
+        self.cache_sources = sources
 
-    @staticmethod
-    def new_projection(image_encoder, cross_attention_dim: int, tokens: int = 4) -> ConditionProjection:
-        return ConditionProjection(input_dim=image_encoder.config.projection_dim,
-                                   cross_attention_dim=cross_attention_dim, output_tokens=tokens)
+    @classmethod
+    def build(cls, base: str, cross_attention_dim: int, image_encoder_path: str | None = None,
+              reference_column: str | None = None, condition_tokens: int = 4, **_):
+        from medaug.embeddings import load_vision_model
 
-    def features(self, images: list[np.ndarray]) -> torch.Tensor:
-        """CLIP image embeddings of (H, W, 3) float images in [0, 1]."""
-        pixels = self.image_processor(images=[np.clip(image, 0, 1) for image in images], do_rescale=False,
-                                      return_tensors="pt").pixel_values
-        pixels = pixels.to(self.image_encoder.device, self.image_encoder.dtype)
-        return self.image_encoder(pixel_values=pixels).image_embeds
+        if image_encoder_path is None:
+            if Path(base).is_dir() and not (Path(base) / "image_encoder").is_dir():
+                raise ValueError(f"--conditioning clip_image: {base} has no image_encoder/ folder; "
+                                 "pass --image_encoder_name_or_path")
+            encoder, processor = load_vision_model(base, subfolder="image_encoder")
+            sources = (Path(base) / "image_encoder", Path(base) / "feature_extractor")
+        else:
+            encoder, processor = load_vision_model(image_encoder_path)
+            sources = (Path(image_encoder_path),)
+        encoder.requires_grad_(False)
+        projection = ConditionProjection.for_features((encoder.config.projection_dim,), cross_attention_dim,
+                                                      condition_tokens)
+        return cls(encoder, processor, projection, reference_column or "file_name", sources)
+
+    def inputs(self, folder, rows: list[int]) -> list[Path]:
+        if not folder.has_column(self.reference_column):
+            raise ValueError(f"--reference_column: column '{self.reference_column}' not in {folder.metadata_path}")
+        paths = [folder.path(i, self.reference_column) for i in rows]
+        missing = [i + 1 for i, path in zip(rows, paths) if path is None or not path.is_file()]
+        if missing:
+            raise ValueError(f"{folder.metadata_path}: column '{self.reference_column}' names no existing image "
+                             f"in rows {', '.join(map(str, missing[:10]))}")
+        return paths
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.image_encoder]
+
+    def input_identity(self, inputs: list[Path]) -> list[str]:
+        from medaug.training.cache import file_identity
+
+        return [file_identity(path) for path in inputs]
+
+    def features(self, paths: list[Path]) -> torch.Tensor:
+        """CLIP image embeddings of the reference images."""
+        from medaug.data import load_image
+        from medaug.embeddings import embed_images
+
+        images = [load_image(path, channels=3) for path in paths]
+        return torch.from_numpy(embed_images(self.image_encoder, self.image_processor, images))
 
 
 class EmbeddingCondition(ProjectedCondition):
     """A precomputed embedding (ELIXR 32x768, Path Foundation 384, any (D,) or (L, D)) and a projection."""
 
     kind = "embedding"
+    cache_sources = None  # already precomputed: nothing to cache
 
-    def __init__(self, embeddings: dict[str, np.ndarray], projection: ConditionProjection):
+    def __init__(self, embeddings: dict[str, np.ndarray], projection: ConditionProjection, source: str = ""):
         self.embeddings = embeddings
         self.projection = projection
+        self.source = source
 
-    @staticmethod
-    def new_projection(feature_shape: tuple[int, ...], cross_attention_dim: int, tokens: int = 4):
-        input_tokens = feature_shape[0] if len(feature_shape) == 2 else 0
-        return ConditionProjection(input_dim=feature_shape[-1], cross_attention_dim=cross_attention_dim,
-                                   input_tokens=input_tokens, output_tokens=tokens)
+    @classmethod
+    def build(cls, cross_attention_dim: int, embeddings_file: str, embedding_key_column: str = "file_name",
+              embedding_value_column: str = "embedding", embedding_shape: tuple[int, ...] | None = None,
+              condition_tokens: int = 4, **_):
+        from medaug.embeddings import load_embeddings
+
+        embeddings = load_embeddings(embeddings_file, embedding_key_column, embedding_value_column, embedding_shape)
+        if not embeddings:
+            raise ValueError(f"--embeddings_file: {embeddings_file} holds no embeddings")
+        shape = Counter(value.shape for value in embeddings.values()).most_common(1)[0][0]  # odd ones get named
+        projection = ConditionProjection.for_features(shape, cross_attention_dim, condition_tokens)
+        return cls(embeddings, projection, str(embeddings_file))
+
+    def inputs(self, folder, rows: list[int]) -> list[str]:
+        """Each row's key, after checking every row has a finite embedding of the projection's shape."""
+        from medaug.embeddings import check_embeddings
+
+        keys = [folder.value(i, "file_name") for i in rows]
+        check_embeddings(self.embeddings, keys, self.source, self.projection.feature_shape)
+        return keys
+
+    def input_identity(self, inputs: list[str]) -> list[str]:
+        return list(inputs)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return []
 
     def features(self, keys: list[str]) -> torch.Tensor:
         return torch.stack([torch.from_numpy(np.asarray(self.embeddings[key], dtype=np.float32)) for key in keys])

@@ -134,22 +134,44 @@ def import_embeddings(
     return {by_key[key]: table[key] for key in by_key}
 
 
-def load_vision_model(model_path: str | Path):
-    """A local Hugging Face vision model and its image processor (for `medaug init-model`'s image_encoder/,
-    the processor is the sibling feature_extractor/)."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPImageProcessor, CLIPVisionModelWithProjection
+def load_vision_model(model_path: str | Path, subfolder: str | None = None):
+    """A Hugging Face vision model and its image processor, from a local folder or a Hub name (with
+    `subfolder`, e.g. a Stable Diffusion repository's image_encoder). For `medaug init-model`'s image_encoder/,
+    the processor is the sibling feature_extractor/."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection
 
-    model_path = Path(model_path)
-    if not (model_path / "config.json").is_file():
-        raise EmbeddingError(f"{model_path}: not a Hugging Face model folder (no config.json)")
-    config = AutoConfig.from_pretrained(model_path)
+    local = Path(model_path) / (subfolder or "")
+    is_local = Path(model_path).exists() or str(model_path).startswith(("/", ".", "~"))
+    if is_local and not (local / "config.json").is_file():
+        raise EmbeddingError(f"{local}: not a Hugging Face model folder (no config.json)")
+    source, options = (str(local), {}) if is_local else (str(model_path), {"subfolder": subfolder} if subfolder else {})
+    config = AutoConfig.from_pretrained(source, **options)
     model_class = CLIPVisionModelWithProjection if "clip" in config.model_type else AutoModel
-    model = model_class.from_pretrained(model_path).eval()
-    for candidate in (model_path, model_path.parent / "feature_extractor"):
+    model = model_class.from_pretrained(source, **options).eval()
+    if not is_local:
+        return model, _hub_processor(model_path, subfolder)
+    for candidate in (local, local.parent / "feature_extractor"):
         if (candidate / "preprocessor_config.json").is_file():
             return model, AutoImageProcessor.from_pretrained(candidate)
-    size = getattr(getattr(model, "config", None), "image_size", 224)
-    return model, CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return model, _default_processor(model)
+
+
+def _hub_processor(name: str, subfolder: str | None):
+    from transformers import AutoImageProcessor
+
+    for candidate in ([subfolder, "feature_extractor"] if subfolder else [None]):
+        try:
+            return AutoImageProcessor.from_pretrained(name, **({"subfolder": candidate} if candidate else {}))
+        except OSError:
+            continue
+    raise EmbeddingError(f"{name}: no image processor found")
+
+
+def _default_processor(model):
+    from transformers import CLIPImageProcessor
+
+    size = getattr(model.config, "image_size", 224)
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def embed_images(model, processor, images: list[np.ndarray], tokens: bool = False) -> np.ndarray:

@@ -47,7 +47,7 @@ def conditioning_flags(kind, data, tmp_path, shape=ELIXR_SHAPE):
 def condition_embeddings(pipeline, projection, run_args, data):
     """What a user's generation code computes from the output folder for the first training row."""
     from medaug.conditioning import ClipImageCondition
-    from medaug.data import DatasetFolder, load_image
+    from medaug.data import DatasetFolder
     from medaug.embeddings import load_embeddings
 
     folder = DatasetFolder(data)
@@ -56,7 +56,7 @@ def condition_embeddings(pipeline, projection, run_args, data):
         return pipeline.encode_prompt(folder.value(row, "text"), "cpu", 1, True, "")
     if run_args["conditioning"] == "clip_image":
         condition = ClipImageCondition(pipeline.image_encoder, pipeline.feature_extractor, projection)
-        features = condition.features([load_image(folder.path(row, "file_name"))])
+        features = condition.features([folder.path(row, "file_name")])
     else:
         embeddings = load_embeddings(run_args["embeddings_file"])
         features = torch.from_numpy(embeddings[folder.value(row, "file_name")])[None]

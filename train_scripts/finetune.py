@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from medaug.conditioning import CONDITION_KINDS, ClipImageCondition, EmbeddingCondition, TextCondition
-from medaug.data import DatasetError, DatasetFolder, MedicalImageDataset, load_image
-from medaug.embeddings import EmbeddingError, check_embeddings, load_embeddings
+from medaug.conditioning import CONDITION_KINDS
+from medaug.data import DatasetError, DatasetFolder, MedicalImageDataset
+from medaug.embeddings import EmbeddingError
 from medaug.training.cache import DEFAULT_CACHE_DIR, TensorCache, file_identity, folder_identity
 from medaug.training.checkpoint import (CheckpointError, load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
@@ -42,7 +42,7 @@ from medaug.training.validation import sample_images, save_grid
 logger = logging.getLogger("medaug.finetune")
 # Arguments that define what a checkpoint holds: resuming with any of them changed is refused.
 CONFIGURATION_KEYS = ("pretrained_model_name_or_path", "conditioning", "train_mode", "rank", "train_text_encoder",
-                      "resolution", "condition_tokens", "embedding_shape", "train_batch_size",
+                      "resolution", "condition_tokens", "train_batch_size",
                       "gradient_accumulation_steps", "seed")
 
 
@@ -229,73 +229,23 @@ def cached_latents(args, vae, folder, rows, dataset, cache: TensorCache, acceler
                                      write=accelerator.is_main_process)
 
 
-def build_condition(args, folder, rows, base_modules, cross_attention_dim):
-    """The condition object of --conditioning, with a new projection where the kind has one."""
-    tokenizer, text_encoder = base_modules
-    if args.conditioning == "text":
-        if not folder.has_column(args.caption_column):
-            raise ValueError(f"--caption_column: column '{args.caption_column}' not in {folder.metadata_path}")
-        texts = [folder.value(i, args.caption_column) for i in rows]
-        empty = [i + 1 for i, text in zip(rows, texts) if not text]
-        if empty:
-            raise ValueError(f"{folder.metadata_path}: column '{args.caption_column}' is empty in {len(empty)} "
-                             f"row(s) (rows {', '.join(map(str, empty[:10]))}); text conditioning needs a prompt")
-        return TextCondition(tokenizer, text_encoder)
-    if args.conditioning == "clip_image":
-        image_encoder, processor = load_image_encoder(args)
-        projection = ClipImageCondition.new_projection(image_encoder, cross_attention_dim, args.condition_tokens)
-        return ClipImageCondition(image_encoder, processor, projection)
-    embeddings = load_embeddings(args.embeddings_file, args.embedding_key_column, args.embedding_value_column,
-                                 tuple(args.embedding_shape) if args.embedding_shape else None)
-    shape = check_embeddings(embeddings, [folder.value(i, "file_name") for i in rows], args.embeddings_file)
-    args.embedding_shape = list(shape)
-    projection = EmbeddingCondition.new_projection(shape, cross_attention_dim, args.condition_tokens)
-    return EmbeddingCondition(embeddings, projection)
+def build_condition(args, tokenizer, text_encoder, cross_attention_dim):
+    """The condition object of --conditioning (with a new projection where the kind has one)."""
+    return CONDITION_KINDS[args.conditioning].build(
+        base=args.pretrained_model_name_or_path, cross_attention_dim=cross_attention_dim, tokenizer=tokenizer,
+        text_encoder=text_encoder, caption_column=args.caption_column, reference_column=args.reference_column,
+        image_encoder_path=args.image_encoder_name_or_path, embeddings_file=args.embeddings_file,
+        embedding_key_column=args.embedding_key_column, embedding_value_column=args.embedding_value_column,
+        embedding_shape=tuple(args.embedding_shape) if args.embedding_shape else None,
+        condition_tokens=args.condition_tokens)
 
 
-def load_image_encoder(args):
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-    source = args.image_encoder_name_or_path
-    if source is None:
-        base = Path(args.pretrained_model_name_or_path)
-        if base.is_dir() and not (base / "image_encoder").is_dir():
-            raise ValueError(f"--conditioning clip_image: {base} has no image_encoder/ folder; "
-                             "pass --image_encoder_name_or_path")
-        encoder = CLIPVisionModelWithProjection.from_pretrained(str(base), subfolder="image_encoder")
-        processor_folder = base / "feature_extractor" if base.is_dir() else None
-        processor = (CLIPImageProcessor.from_pretrained(str(base), subfolder="feature_extractor")
-                     if processor_folder is None or processor_folder.is_dir() else None)
-        source = base / "image_encoder"
-    else:
-        encoder = CLIPVisionModelWithProjection.from_pretrained(source)
-        processor = CLIPImageProcessor.from_pretrained(source)
-    if processor is None:
-        size = encoder.config.image_size
-        processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    encoder.requires_grad_(False)
-    return encoder, processor
-
-
-def condition_inputs(args, condition, folder, rows) -> list:
-    """What the condition's frozen half reads for each row."""
-    if args.conditioning == "text":
-        return [folder.value(i, args.caption_column) for i in rows]
-    if args.conditioning == "clip_image":
-        column = args.reference_column or "file_name"
-        return [folder.path(i, column) for i in rows]
-    return [folder.value(i, "file_name") for i in rows]
-
-
-def compute_features(args, condition, inputs, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+def compute_features(condition, inputs, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
     chunks = []
     for start in tqdm(range(0, len(inputs), batch_size), desc="encoding conditions", leave=False,
                       disable=not progress):
-        chunk = inputs[start:start + batch_size]
-        if args.conditioning == "clip_image":
-            chunk = [load_image(path, channels=3) for path in chunk]
         with torch.no_grad():
-            chunks.append(condition.features(chunk).float().cpu())
+            chunks.append(condition.features(inputs[start:start + batch_size]).float().cpu())
     return torch.cat(chunks)
 
 
@@ -303,19 +253,14 @@ def cached_features(args, condition, inputs, cache: TensorCache, accelerator) ->
     """Frozen condition features per row, or None to encode each batch (--no_cache, text-encoder LoRA)."""
     if args.train_text_encoder or args.no_cache:
         return None
-    if args.conditioning == "embedding":
-        return compute_features(args, condition, inputs)  # already precomputed: nothing to cache
-    base = Path(args.pretrained_model_name_or_path)
-    if args.conditioning == "text":
-        encoders = [base / "text_encoder", base / "tokenizer"]
-    else:
-        encoders = [Path(args.image_encoder_name_or_path)] if args.image_encoder_name_or_path else [
-            base / "image_encoder", base / "feature_extractor"]
-    key = {"kind": f"{args.conditioning}-features-v1", "encoders": [folder_identity(path) for path in encoders],
-           "inputs": [str(x) if args.conditioning == "text" else file_identity(x) for x in inputs]}
+    if condition.cache_sources is None:
+        return compute_features(condition, inputs)  # precomputed already: nothing worth caching
+    key = {"kind": f"{condition.kind}-features-v1",
+           "sources": [folder_identity(path) for path in condition.cache_sources],
+           "inputs": condition.input_identity(inputs)}
     with accelerator.main_process_first():
-        return cache.load_or_compute(f"{args.conditioning}-features", key,
-                                     lambda: {"features": compute_features(args, condition, inputs)},
+        return cache.load_or_compute(f"{condition.kind}-features", key,
+                                     lambda: {"features": compute_features(condition, inputs)},
                                      write=accelerator.is_main_process)["features"]
 
 
@@ -368,7 +313,7 @@ def batch_hidden_states(args, condition, features, inputs, indices, generator, d
     elif args.train_text_encoder:  # gradients must flow into the text encoder
         batch_features = condition.features([inputs[i] for i in indices.tolist()])
     else:
-        batch_features = compute_features(args, condition, [inputs[i] for i in indices.tolist()],
+        batch_features = compute_features(condition, [inputs[i] for i in indices.tolist()],
                                           progress=False).to(device)
     hidden = condition.hidden_states(batch_features.to(dtype) if condition.projection is None else batch_features)
     if args.condition_dropout > 0:
@@ -384,13 +329,12 @@ def batch_hidden_states(args, condition, features, inputs, indices, generator, d
 
 def validation_embeddings(args, condition, folder, accelerator):
     """Condition embeddings for validation images: --validation_prompt, else the first val (or train) rows."""
-    if args.conditioning == "text" and args.validation_prompt:
+    if condition.kind == "text" and args.validation_prompt:
         inputs = [args.validation_prompt] * args.num_validation_images
     else:
         split = "val" if any(folder.split(i) == "val" for i in range(len(folder))) else args.split
-        rows = folder.indices(split)[: args.num_validation_images]
-        inputs = condition_inputs(args, condition, folder, rows)
-    features = compute_features(args, condition, inputs).to(accelerator.device)
+        inputs = condition.inputs(folder, folder.indices(split)[: args.num_validation_images])
+    features = compute_features(condition, inputs).to(accelerator.device)
     with torch.no_grad():
         hidden = condition.hidden_states(features)
         negative = condition.unconditional_embedding(hidden.shape[0]).to(hidden.dtype)
@@ -459,19 +403,19 @@ def main(args: argparse.Namespace) -> dict:
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_base(args)
     resolution = resolve_resolution(args, vae, unet)
     torch.manual_seed(args.seed)  # new projections start the same in every run of this seed
-    condition = build_condition(args, folder, rows, (tokenizer, text_encoder), unet.config.cross_attention_dim)
+    condition = build_condition(args, tokenizer, text_encoder, unet.config.cross_attention_dim)
+    inputs = condition.inputs(folder, rows)  # checks every row's prompt, reference image or embedding
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     vae.to(accelerator.device)  # the VAE stays fp32: it decodes to NaN in fp16 on some inputs
     text_encoder.to(accelerator.device, dtype=torch.float32 if args.train_text_encoder else weight_dtype)
-    if args.conditioning == "clip_image":
-        condition.image_encoder.to(accelerator.device, dtype=weight_dtype)
+    for frozen in condition.frozen_modules():
+        frozen.to(accelerator.device, dtype=weight_dtype)
 
     # 2. Latents and condition features, cached across epochs and runs.
     cache = TensorCache(args.cache_dir)
     dataset = pixel_dataset(args, folder, rows, resolution)
     latents = cached_latents(args, vae, folder, rows, dataset, cache, accelerator)
-    inputs = condition_inputs(args, condition, folder, rows)
     features = cached_features(args, condition, inputs, cache, accelerator)
     resume_path = (resolve_checkpoint(output_dir, args.resume_from_checkpoint)
                    if args.resume_from_checkpoint else None)
@@ -515,7 +459,9 @@ def main(args: argparse.Namespace) -> dict:
         condition.text_encoder = trainable["text_encoder"]
 
     # 5. Resume: weights, optimizer and schedule; randomness and data order follow from the step.
-    configuration = {key: getattr(args, key) for key in CONFIGURATION_KEYS} | {"resolution": resolution}
+    configuration = {key: getattr(args, key) for key in CONFIGURATION_KEYS} | {
+        "resolution": resolution,
+        "condition_features": list(condition.projection.feature_shape) if condition.projection is not None else None}
     global_step = 0
     if resume_path is not None:
         global_step = load_checkpoint(resume_path, {k: accelerator.unwrap_model(m) for k, m in trainable.items()},
