@@ -164,6 +164,9 @@ app.command("bench")(bench_command)
 from medaug.commands.embed import embed_command  # noqa: E402
 app.command("embed")(embed_command)
 
+from medaug.commands.edges import edges_command  # noqa: E402
+app.command("edges")(edges_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "bench": ["--data", "--synthetic", "--output_dir", "--network", "--resolution", "--epochs", "--seeds",
               "--synthetic_ratios", "--real_fractions", "--arms", "--batch_size", "--learning_rate",
               "--label_column", "--gradcam_images", "--device", "--num_threads"],
+    "edges": ["--method", "--output_dir", "--split", "--low", "--high", "--thickness", "--overwrite"],
 }
 
 
