@@ -254,3 +254,22 @@ def test_accelerate_launch_with_two_cpu_processes(tiny_model_dir, phantom_dir, t
     assert record["num_processes"] == 2
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "out" / "checkpoint-2" / "unet.safetensors").is_file()
+
+
+def test_text_encoder_lora_and_loss_options_train_and_save(tiny_model_dir, phantom_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    summary = run(tiny_model_dir, phantom_dir, tmp_path / "out", tmp_path / "cache", "--train_text_encoder",
+                  "--snr_gamma", "5", "--prediction_type", "v_prediction", "--gradient_accumulation_steps", "2",
+                  "--noise_offset", "0.05", "--gradient_checkpointing", steps=2)
+    assert summary["global_step"] == 2 and np.isfinite(summary["losses"]).all()
+    keys = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors")).keys()
+    assert any(key.startswith("text_encoder.") for key in keys) and any(key.startswith("unet.") for key in keys)
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
+                                                       requires_safety_checker=False)
+    before = pipeline.encode_prompt("breast ultrasound", "cpu", 1, False)[0]
+    pipeline.load_lora_weights(str(tmp_path / "out"))
+    after = pipeline.encode_prompt("breast ultrasound", "cpu", 1, False)[0]
+    assert not torch.allclose(before, after)  # the text encoder's LoRA was saved and loads
