@@ -23,6 +23,17 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Two torch threads on a busy 2-core machine run several times slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A `tiny` preset model written by init-model, as scripts receive a real base model's folder."""

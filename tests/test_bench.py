@@ -20,13 +20,7 @@ from medaug.segmentation.study import Run, StudyError, plan_runs, real_subset, r
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two torch threads on a busy 2-core machine run several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

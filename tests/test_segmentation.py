@@ -21,13 +21,7 @@ from medaug.segmentation.transforms import RandChessboardCutout, RandClahe, buil
 from tests.conftest import shared_dataset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two torch threads on a busy 2-core machine run several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def masks(*boxes_per_image, size=16):
