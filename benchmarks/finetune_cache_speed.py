@@ -46,7 +46,8 @@ def run_once(finetune, base, data, work, cache, steps, batch, extra):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="Dataset folder (BUSI by default; phantom if absent).")
+    parser.add_argument("--data", default=str(DEFAULT_DATA),
+                        help="Dataset folder (BUSI by default; phantom if absent).")
     parser.add_argument("--output", default="finetune_cache_speed.json")
     parser.add_argument("--presets", default="tiny,small")
     options = parser.parse_args()
@@ -69,7 +70,8 @@ def main() -> None:
             cache = work / f"cache-{preset}"
             runs = {name: run_once(finetune, base, data, work, cache, plan["steps"], plan["batch"], extra)
                     for name, extra in (("cache_cold", []), ("cache_warm", []), ("no_cache", ["--no_cache"]))}
-            runs["speedup_warm_vs_no_cache"] = runs["cache_warm"]["steps_per_second"] / runs["no_cache"]["steps_per_second"]
+            warm, stock = runs["cache_warm"]["steps_per_second"], runs["no_cache"]["steps_per_second"]
+            runs["speedup_warm_vs_no_cache"] = warm / stock
             results["presets"][preset] = {"steps": plan["steps"], "batch": plan["batch"], **runs}
     print(f"{'preset':8} {'cache warm':>12} {'no cache':>12} {'ratio':>7} {'cold wall s':>12}")
     for preset, runs in results["presets"].items():

@@ -32,7 +32,8 @@ def synthetic_dir(tmp_path_factory, phantom_dir):
     table.to_csv(folder / "metadata.csv", index=False)
     source = pd.read_csv(phantom_dir / "metadata.csv").query("split == 'train'").file_name.iloc[0]
     for name in table.file_name:
-        append_manifest(folder, ManifestEntry(file_name=name, seed=0, model_dir="model", source_dataset=str(phantom_dir),
+        append_manifest(folder, ManifestEntry(file_name=name, seed=0, model_dir="model",
+                                              source_dataset=str(phantom_dir),
                                               source_file_name=source, source_split="train"))
     return folder
 

@@ -24,7 +24,8 @@ def file_names(folder):
 
 
 def test_compute_vectors_and_token_matrices_with_the_base_image_encoder(tiny_model_dir, phantom_dir, tmp_path):
-    result, _ = invoke(phantom_dir, "--model_path", tiny_model_dir / "image_encoder", "--output", tmp_path / "v.safetensors")
+    encoder = tiny_model_dir / "image_encoder"
+    result, _ = invoke(phantom_dir, "--model_path", encoder, "--output", tmp_path / "v.safetensors")
     assert result.exit_code == 0, result.output
     vectors = load_file(str(tmp_path / "v.safetensors"))
     assert sorted(vectors) == sorted(file_names(phantom_dir))
@@ -73,8 +74,10 @@ def test_import_path_foundation_npz_matched_on_a_metadata_column(phantom_dir, tm
 
 def test_bad_imports_are_named(phantom_dir, tmp_path):
     names = file_names(phantom_dir)
-    pd.DataFrame({"file_name": names[1:], "embedding": [[0.0] * 4] * (len(names) - 1)}).to_parquet(tmp_path / "a.parquet")
-    result, output = invoke(phantom_dir, "--import_file", tmp_path / "a.parquet", "--output", tmp_path / "o.safetensors")
+    table = pd.DataFrame({"file_name": names[1:], "embedding": [[0.0] * 4] * (len(names) - 1)})
+    table.to_parquet(tmp_path / "a.parquet")
+    result, output = invoke(phantom_dir, "--import_file", tmp_path / "a.parquet",
+                            "--output", tmp_path / "o.safetensors")
     assert result.exit_code == 2 and f"no embedding for 1 row(s): {names[0]}" in output
     result, output = invoke(phantom_dir, "--import_file", tmp_path / "a.parquet", "--key_column", "id",
                             "--output", tmp_path / "o.safetensors")

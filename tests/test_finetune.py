@@ -34,13 +34,15 @@ def write_embeddings(folder, path, shape, seed=0):
 def run(base, data, output_dir, cache_dir, *extra, steps=2):
     args = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--output_dir",
             str(output_dir), "--cache_dir", str(cache_dir), "--max_train_steps", str(steps), "--train_batch_size", "2",
-            "--max_train_samples", "4", "--report_to", "none", "--learning_rate", "1e-3", "--seed", "0", *map(str, extra)]
+            "--max_train_samples", "4", "--report_to", "none", "--learning_rate", "1e-3", "--seed", "0",
+            *map(str, extra)]
     return finetune.main(finetune.parse_args(args))
 
 
 def conditioning_flags(kind, data, tmp_path, shape=ELIXR_SHAPE):
     if kind == "embedding":
-        return ["--conditioning", kind, "--embeddings_file", write_embeddings(data, tmp_path / "emb.safetensors", shape)]
+        embeddings_file = write_embeddings(data, tmp_path / "emb.safetensors", shape)
+        return ["--conditioning", kind, "--embeddings_file", embeddings_file]
     return ["--conditioning", kind]
 
 

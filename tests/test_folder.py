@@ -90,7 +90,8 @@ def test_unknown_split_is_named(tmp_path, write_dataset):
     rows = good_rows(tmp_path)
     rows[0]["split"] = "training"
     problems = problems_of(write_dataset(rows))
-    assert problems == ["row 1, column 'split', images/0.png: unknown split 'training'; expected one of train, val, test"]
+    assert problems == [
+        "row 1, column 'split', images/0.png: unknown split 'training'; expected one of train, val, test"]
     with pytest.raises(DatasetError, match="unknown split 'holdout'"):
         DatasetFolder(tmp_path).indices("holdout")
 

@@ -19,7 +19,8 @@ def embed_command(
     import_file: Annotated[Optional[Path], typer.Option(
         "--import_file", help="Precomputed embeddings (ELIXR, Path Foundation) as .parquet, .npz or .safetensors.")
     ] = None,
-    key_column: Annotated[str, typer.Option("--key_column", help="Key column of a parquet --import_file.")] = "file_name",
+    key_column: Annotated[str, typer.Option(
+        "--key_column", help="Key column of a parquet --import_file.")] = "file_name",
     value_column: Annotated[str, typer.Option("--value_column", help="Value column of a parquet file.")] = "embedding",
     match_column: Annotated[str, typer.Option(
         "--match_column", help="Metadata column whose values are the keys in --import_file.")] = "file_name",

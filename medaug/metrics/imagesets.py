@@ -6,9 +6,9 @@ A synthetic folder is an ordinary dataset folder, so real and synthetic images g
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -51,7 +51,7 @@ class ImageSet:
         part = f"split '{self.split}' of " if self.split else ""
         return f"{part}{self.root} ({len(self)} images)"
 
-    def subset(self, positions: list[int]) -> "ImageSet":
+    def subset(self, positions: list[int]) -> ImageSet:
         return ImageSet(self.folder, self.split, [self.indices[p] for p in positions], self.flag)
 
     def load(self, position: int, channels: int) -> np.ndarray:
