@@ -260,6 +260,38 @@ def _row_edges(folder, index: int, method: str, options: dict) -> np.ndarray:
     return edge_map(method, image, mask, **options)
 
 
+def to_control_image(edges: np.ndarray) -> np.ndarray:
+    """(H, W) edge map -> (H, W, 3) float32 in [0, 1], the 3 equal channels ControlNet trains and samples on."""
+    edges = np.clip(np.asarray(edges, dtype=np.float32), 0.0, 1.0)
+    return np.repeat(edges[:, :, None], 3, axis=2) if edges.ndim == 2 else edges
+
+
+def row_control_image(folder, index: int, resolution: int, fit: str = "pad", method: str | None = None,
+                      column: str = "conditioning_image_file_name", **options) -> np.ndarray:
+    """A row's ControlNet input at `resolution`: (R, R, 3) float32 in [0, 1].
+
+    With `method`, edges are computed from the row's image (and mask) after both are fitted to the square
+    exactly as training fits them, so line widths are in model pixels whatever the source size; without it
+    the precomputed edge map in `column` is read and fitted. Training and generation both call this.
+    """
+    from medaug.data import load_image, load_mask
+    from medaug.data.dataset import fit_square
+
+    slice_index = folder.slice_index(index)
+    if method is None:
+        edges = load_image(folder.path(index, column), 3, slice_index)
+        return to_control_image(fit_square(edges, resolution, fit)[:, :, 0])
+    image = fit_square(load_image(folder.path(index, "file_name"), 1, slice_index), resolution, fit)[:, :, 0]
+    mask = None
+    if method in MASK_METHODS:
+        mask_path = folder.path(index, "mask_file_name")
+        if mask_path is None:
+            raise ValueError(f"{folder.metadata_path}: row {index + 1} ({folder.value(index, 'file_name')}) has "
+                             f"no mask_file_name; edge method '{method}' needs one")
+        mask = fit_square(load_mask(mask_path, slice_index), resolution, fit, nearest=True)
+    return to_control_image(edge_map(method, image, mask, **options))
+
+
 def write_edge_dataset(dataset_dir: str | Path, output_dir: str | Path, method: str, split: str | None = None,
                        progress: Callable[[int], None] | None = None, overwrite: bool = False,
                        **options) -> Path:

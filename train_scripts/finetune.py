@@ -268,7 +268,9 @@ def cached_features(args, condition, inputs, cache: TensorCache, accelerator) ->
 # 6. One training step's loss
 # ---------------------------------------------------------------------------------------------------------
 
-def diffusion_loss(args, unet, noise_scheduler, latents, hidden_states, generator) -> torch.Tensor:
+def diffusion_loss(args, predict, noise_scheduler, latents, hidden_states, generator) -> torch.Tensor:
+    """The denoising loss of `predict(noisy_latents, timesteps, hidden_states)` (the UNet, or the UNet with a
+    ControlNet's residuals) on fresh noise and timesteps drawn from `generator`."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     if args.noise_offset:
         noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
@@ -280,7 +282,7 @@ def diffusion_loss(args, unet, noise_scheduler, latents, hidden_states, generato
         target = noise
     else:
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, hidden_states).sample
+    prediction = predict(noisy, timesteps, hidden_states)
     if args.snr_gamma is None:
         return F.mse_loss(prediction.float(), target.float())
     from diffusers.training_utils import compute_snr
@@ -492,7 +494,8 @@ def main(args: argparse.Namespace) -> dict:
                                               args.random_flip, accelerator.device).to(weight_dtype)
                 hidden = batch_hidden_states(args, condition, features, inputs, indices.cpu(), generator,
                                              accelerator.device, weight_dtype)
-                loss = diffusion_loss(args, unet, noise_scheduler, model_latents, hidden.to(weight_dtype), generator)
+                loss = diffusion_loss(args, lambda noisy, t, h: unet(noisy, t, h).sample, noise_scheduler,
+                                      model_latents, hidden.to(weight_dtype), generator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(parameters, args.max_grad_norm)

@@ -21,8 +21,10 @@ def file_identity(path: str | Path) -> str:
 
 
 def folder_identity(folder: str | Path) -> str:
-    """Identity of a model folder: every file's identity (configs and weights)."""
+    """Identity of a model folder: every file's identity (configs and weights); a single file's own identity."""
     folder = Path(folder)
+    if folder.is_file():
+        return file_identity(folder)
     if not folder.is_dir():
         return str(folder)  # a Hub name: its revision is part of the name
     return ";".join(file_identity(path) for path in sorted(folder.rglob("*")) if path.is_file())

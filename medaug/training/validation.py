@@ -12,21 +12,27 @@ from PIL import Image
 def sample_images(
     vae, unet, scheduler, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
     num_inference_steps: int, guidance_scale: float, resolution: int, seed: int,
-    text_encoder=None, tokenizer=None,
+    text_encoder=None, tokenizer=None, controlnet=None, control_image: torch.Tensor | None = None,
+    controlnet_conditioning_scale: float = 1.0,
 ) -> np.ndarray:
-    """(N, H, W, 3) float images in [0, 1] from condition embeddings, with classifier-free guidance."""
-    from diffusers import StableDiffusionPipeline
+    """(N, H, W, 3) float images in [0, 1] from condition embeddings, with classifier-free guidance; with a
+    `controlnet`, following `control_image` ((N, 3, H, W) in [0, 1])."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
-    pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    components = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    control = {}
+    if controlnet is None:
+        pipeline = StableDiffusionPipeline(**components)
+    else:
+        pipeline = StableDiffusionControlNetPipeline(controlnet=controlnet, **components)
+        control = {"image": control_image, "controlnet_conditioning_scale": controlnet_conditioning_scale}
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return pipeline(
         prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-        height=resolution, width=resolution, generator=generator, output_type="np",
+        height=resolution, width=resolution, generator=generator, output_type="np", **control,
     ).images
 
 

@@ -1,0 +1,500 @@
+#!/usr/bin/env python
+"""Train a ControlNet on edge maps, so generated images follow a given anatomy (and inherit its mask).
+
+    accelerate launch train_scripts/train_controlnet.py \
+        --lora_dir outputs/busi-lora --train_data_dir ../shared/datasets/busi --edge_method mask_boundary \
+        --controlnet_train_mode full --max_train_steps 2000 --output_dir outputs/busi-controlnet
+
+The ControlNet starts as a copy of the base UNet's encoder (after applying a finetune.py output folder given by
+--lora_dir: its LoRA is fused in, or its full UNet used, and its condition encoder kept frozen). Edge maps are
+made from each row's image/mask with --edge_method, after fitting to the training square, or read from
+--conditioning_image_column (as `medaug edges` writes). --controlnet_train_mode lora trains LoRA adapters on the
+copied encoder plus the ControlNet's own new layers (conditioning embedding and zero convolutions) instead of
+every weight. Conditions, condition dropout, latent/feature caching, resume and mixed precision work as in
+finetune.py, whose phase functions this script reuses.
+
+Phases: 1 load the base (and --lora_dir), 2 data (latents, condition features, edge maps), 3 the ControlNet,
+4 optimizer, 5 resume, 6 train, 7 save: controlnet/ (stock `ControlNetModel.from_pretrained` loads it), a copy
+of the --lora_dir weights and condition_encoder/, medaug_args.json, checkpoint-N/, validation/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import finetune  # noqa: E402  (the shared phases: base loading, caches, conditions, loss)
+
+from medaug.conditioning import CONDITION_KINDS, load_projection  # noqa: E402
+from medaug.data import DatasetError, DatasetFolder  # noqa: E402
+from medaug.edges import EDGE_METHODS, MASK_METHODS, row_control_image  # noqa: E402
+from medaug.embeddings import EmbeddingError  # noqa: E402
+from medaug.finetuned import read_run_args  # noqa: E402
+from medaug.training.cache import DEFAULT_CACHE_DIR, TensorCache  # noqa: E402
+from medaug.training.checkpoint import (CheckpointError, load_checkpoint, prune_checkpoints,  # noqa: E402
+                                        resolve_checkpoint, save_checkpoint)
+from medaug.training.data_order import EpochPermutationSampler, step_generator  # noqa: E402
+from medaug.training.lora import LORA_WEIGHTS_NAME, UNET_TARGETS, add_lora  # noqa: E402
+from medaug.training.validation import sample_images, save_grid  # noqa: E402
+
+logger = logging.getLogger("medaug.controlnet")
+# ControlNet's conditioning embedding downsamples once per entry after the first; take as many entries as the
+# VAE downsamples in powers of two (2 for a two-level VAE, 4 for Stable Diffusion's).
+CONDITIONING_CHANNELS = (16, 32, 96, 256)
+# Condition flags a --lora_dir run fixes: they default to the run's values and may not contradict them.
+CONDITION_FLAGS = {"conditioning": "text", "caption_column": "text", "reference_column": None,
+                   "image_encoder_name_or_path": None, "embeddings_file": None, "embedding_key_column": "file_name",
+                   "embedding_value_column": "embedding", "embedding_shape": None, "condition_tokens": 4,
+                   "fit": "pad"}
+CONFIGURATION_KEYS = ("pretrained_model_name_or_path", "lora_dir", "conditioning", "controlnet_train_mode", "rank",
+                      "edge_method", "condition_tokens", "train_batch_size", "gradient_accumulation_steps", "seed")
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", default=None,
+                       help="Hub name or diffusers Stable Diffusion folder; default: the base of --lora_dir.")
+    model.add_argument("--lora_dir", default=None,
+                       help="finetune.py output folder: its LoRA (or full UNet) is applied to the base and its "
+                            "condition encoder and condition flags are used.")
+    model.add_argument("--controlnet_model_name_or_path", default=None,
+                       help="Start from this ControlNet (folder or Hub name) instead of a copy of the UNet.")
+    model.add_argument("--controlnet_train_mode", choices=("full", "lora"), default="full",
+                       help="full: train every ControlNet weight; lora: LoRA on its attention projections plus "
+                            "its new layers (conditioning embedding, zero convolutions).")
+    model.add_argument("--rank", type=int, default=8, help="LoRA rank for --controlnet_train_mode lora.")
+    model.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None)
+    model.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (needs `pip install medaug[xformers]`); default is PyTorch SDPA.")
+    model.add_argument("--gradient_checkpointing", action="store_true")
+
+    data = parser.add_argument_group("data, edges and conditioning")
+    data.add_argument("--train_data_dir", required=True, help="Dataset folder with metadata.csv/jsonl.")
+    data.add_argument("--split", default="train")
+    data.add_argument("--max_train_samples", type=int, default=None)
+    data.add_argument("--resolution", type=int, default=None,
+                      help="Square training size; default: --lora_dir's, else the base UNet's sample size x VAE's.")
+    data.add_argument("--edge_method", choices=tuple(EDGE_METHODS), default=None,
+                      help="Make edge maps from each row's image (canny, sobel, scharr) or mask (mask_boundary, "
+                           "fused); default: read them from --conditioning_image_column.")
+    data.add_argument("--conditioning_image_column", default="conditioning_image_file_name",
+                      help="Column of precomputed edge maps, used when --edge_method is not given.")
+    data.add_argument("--fit", choices=("pad", "crop", "stretch"), default=None, help="Default: pad.")
+    data.add_argument("--conditioning", choices=tuple(CONDITION_KINDS), default=None, help="Default: text.")
+    data.add_argument("--caption_column", default=None)
+    data.add_argument("--reference_column", default=None)
+    data.add_argument("--image_encoder_name_or_path", default=None)
+    data.add_argument("--embeddings_file", default=None)
+    data.add_argument("--embedding_key_column", default=None)
+    data.add_argument("--embedding_value_column", default=None)
+    data.add_argument("--embedding_shape", default=None)
+    data.add_argument("--condition_tokens", type=int, default=None)
+    data.add_argument("--condition_dropout", type=float, default=0.1,
+                      help="Probability of replacing a condition by the unconditional embedding (the edge map "
+                           "is always kept).")
+    data.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR))
+    data.add_argument("--no_cache", action="store_true", help="Encode images, conditions and edges every step.")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", default="medaug-controlnet")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--train_batch_size", type=int, default=4)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--max_train_steps", type=int, default=1000)
+    train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument("--lr_scheduler", default="constant",
+                       choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                "constant_with_warmup"))
+    train.add_argument("--lr_warmup_steps", type=int, default=0)
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--snr_gamma", type=float, default=None)
+    train.add_argument("--noise_offset", type=float, default=0.0)
+    train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
+    train.add_argument("--checkpointing_steps", type=int, default=500)
+    train.add_argument("--checkpoints_total_limit", type=int, default=None)
+    train.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder.')
+    train.add_argument("--report_to", default="tensorboard", help='"tensorboard" or "none".')
+    train.add_argument("--logging_dir", default="logs")
+
+    validation = parser.add_argument_group("validation")
+    validation.add_argument("--validation_steps", type=int, default=None)
+    validation.add_argument("--validation_prompt", default=None)
+    validation.add_argument("--num_validation_images", type=int, default=4)
+    validation.add_argument("--validation_inference_steps", type=int, default=25)
+    validation.add_argument("--validation_guidance_scale", type=float, default=3.0)
+    validation.add_argument("--controlnet_conditioning_scale", type=float, default=1.0)
+    args = parser.parse_args(input_args)
+    resolve_condition_flags(args)
+    args.train_text_encoder = False  # finetune.py's phases ask; a ControlNet run never trains the text encoder
+    finetune.check_flags(args)
+    return args
+
+
+def resolve_condition_flags(args: argparse.Namespace) -> None:
+    """Fill the base model and condition flags from --lora_dir's run, refusing ones that contradict it."""
+    run = read_run_args(args.lora_dir) if args.lora_dir else {}
+    if args.lora_dir:
+        if args.pretrained_model_name_or_path is None:
+            args.pretrained_model_name_or_path = run["base_model"]
+        elif not same_model(args.pretrained_model_name_or_path, run["base_model"]):
+            raise ValueError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} differs from "
+                             f"the base of --lora_dir ({run['base_model']}); leave it out to use that base")
+        if args.resolution is None:
+            args.resolution = run.get("resolution")
+    elif args.pretrained_model_name_or_path is None:
+        raise ValueError("give --pretrained_model_name_or_path or --lora_dir")
+    for flag, default in CONDITION_FLAGS.items():
+        given, from_run = getattr(args, flag), run.get(flag, default)
+        if args.lora_dir and given is not None and str(given) != str(from_run) and flag != "embeddings_file":
+            raise ValueError(f"--{flag} {given}: --lora_dir was trained with {from_run!r}; leave the flag out")
+        setattr(args, flag, given if given is not None else from_run)
+    if args.embedding_shape is not None and not isinstance(args.embedding_shape, str):
+        args.embedding_shape = ",".join(map(str, args.embedding_shape))
+    if args.edge_method is None and args.conditioning_image_column is None:
+        raise ValueError("give --edge_method or --conditioning_image_column")
+
+
+def same_model(first: str, second: str) -> bool:
+    if Path(first).expanduser().exists() and Path(second).expanduser().exists():
+        return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
+    return first == second
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Base model, with --lora_dir applied
+# ---------------------------------------------------------------------------------------------------------
+
+def apply_finetuned(lora_dir: Path, tokenizer, text_encoder, vae, unet, noise_scheduler):
+    """The UNet and text encoder of a finetune.py output folder: its full UNet, or its LoRA fused in."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    if (lora_dir / "unet").is_dir():
+        unet = UNet2DConditionModel.from_pretrained(lora_dir / "unet").requires_grad_(False)
+    if (lora_dir / LORA_WEIGHTS_NAME).is_file():
+        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                           scheduler=noise_scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+        pipeline.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS_NAME)
+        pipeline.fuse_lora()
+        pipeline.unload_lora_weights()  # after fusing, the merged weights stay
+    return text_encoder, unet
+
+
+def build_controlnet(args, unet, vae):
+    from diffusers import ControlNetModel
+
+    if args.controlnet_model_name_or_path:
+        return ControlNetModel.from_pretrained(args.controlnet_model_name_or_path)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    entries = int(math.log2(vae_scale)) + 1
+    if entries > len(CONDITIONING_CHANNELS):
+        raise ValueError(f"the base VAE downsamples {vae_scale}x; ControlNet supports up to "
+                         f"{2 ** (len(CONDITIONING_CHANNELS) - 1)}x")
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONDITIONING_CHANNELS[:entries])
+
+
+def make_trainable(args, controlnet) -> None:
+    """Full: every weight. LoRA: adapters on the copied attention, plus the layers a ControlNet adds, which
+    start at zero and have nothing pretrained to adapt."""
+    if args.controlnet_train_mode == "full":
+        controlnet.requires_grad_(True)
+        return
+    add_lora(controlnet, args.rank, UNET_TARGETS)
+    for new_part in (controlnet.controlnet_cond_embedding, controlnet.controlnet_down_blocks,
+                     controlnet.controlnet_mid_block):
+        new_part.requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Edge maps
+# ---------------------------------------------------------------------------------------------------------
+
+def control_images(args, folder, rows: list[int], resolution: int, progress: bool = True) -> torch.Tensor:
+    """(N, 3, R, R) uint8 edge maps of `rows` (uint8 keeps a 512 px dataset's maps small in memory)."""
+    maps = [row_control_image(folder, index, resolution, args.fit, args.edge_method,
+                              args.conditioning_image_column)
+            for index in tqdm(rows, desc="edge maps", leave=False, disable=not progress)]
+    stacked = np.round(np.stack(maps).transpose(0, 3, 1, 2) * 255.0).astype(np.uint8)
+    return torch.from_numpy(stacked)
+
+
+def check_edge_source(args, folder, rows: list[int]) -> None:
+    """Every row has what its edge maps are made from, or the run stops naming the rows."""
+    from medaug.data import Problem
+
+    if args.edge_method is None:
+        column, reason = args.conditioning_image_column, "has no edge map; pass --edge_method to make them"
+    elif args.edge_method in MASK_METHODS:
+        column, reason = "mask_file_name", f"has no mask; --edge_method {args.edge_method} needs one"
+    else:
+        return
+    if not folder.has_column(column):
+        raise DatasetError(folder.metadata_path, [Problem(f"column missing; {reason.split('; ')[1]}",
+                                                          column=column)])
+    problems = [Problem(f"row {reason}", row=i + 1, column=column, file=folder.value(i, "file_name"))
+                for i in rows if not folder.value(i, column)]
+    if problems:
+        raise DatasetError(folder.metadata_path, problems)
+
+
+def batch_control(args, control, folder, rows, indices, resolution, device, dtype) -> torch.Tensor:
+    """Edge maps of a batch in [0, 1], from the precomputed stack or (without a cache) made now."""
+    if control is None:
+        control = control_images(args, folder, [rows[i] for i in indices.tolist()], resolution, progress=False)
+        return (control.float() / 255.0).to(device, dtype)
+    return (control[indices].float() / 255.0).to(device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation and saving
+# ---------------------------------------------------------------------------------------------------------
+
+def validation_rows(args, folder) -> list[int]:
+    split = "val" if any(folder.split(i) == "val" for i in range(len(folder))) else args.split
+    return folder.indices(split)[: args.num_validation_images]
+
+
+def log_validation(args, step, condition, folder, vae, unet, controlnet, text_encoder, tokenizer, resolution,
+                   accelerator):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    hidden, negative = finetune.validation_embeddings(args, condition, folder, accelerator)
+    rows = validation_rows(args, folder)
+    control = control_images(args, folder, rows, resolution, progress=False).float() / 255.0
+    count = min(len(rows), hidden.shape[0])
+    with accelerator.autocast():
+        images = sample_images(vae, unet, scheduler, hidden[:count], negative[:count],
+                               args.validation_inference_steps, args.validation_guidance_scale, resolution,
+                               args.seed, text_encoder=text_encoder, tokenizer=tokenizer,
+                               controlnet=accelerator.unwrap_model(controlnet),
+                               control_image=control[:count].to(accelerator.device),
+                               controlnet_conditioning_scale=args.controlnet_conditioning_scale)
+    # Each edge map above the image generated from it.
+    pairs = np.concatenate([control[:count].permute(0, 2, 3, 1).numpy(), images], axis=1)
+    path = save_grid(pairs, Path(args.output_dir) / "validation" / f"step-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", pairs, step, dataformats="NHWC")
+    logger.info("validation images: %s", path)
+    return path
+
+
+def save_controlnet(controlnet, path: Path, train_mode: str) -> None:
+    """controlnet/ as stock diffusers loads it; a LoRA-trained one is saved with its adapters merged."""
+    if train_mode == "lora":
+        controlnet.fuse_lora()
+        controlnet.unload_lora()
+    controlnet.save_pretrained(path, safe_serialization=True)
+
+
+def save_outputs(args, accelerator, controlnet, condition, projection_trained, resolution, scaling_factor):
+    """controlnet/, the condition encoder and --lora_dir's weights (so the folder is all generation needs)."""
+    output_dir = Path(args.output_dir)
+    save_controlnet(accelerator.unwrap_model(controlnet), output_dir / "controlnet", args.controlnet_train_mode)
+    if condition.projection is not None:
+        projection = accelerator.unwrap_model(condition.projection) if projection_trained else condition.projection
+        projection.save_pretrained(output_dir / "condition_encoder", safe_serialization=True)
+    if args.lora_dir:
+        lora_dir = Path(args.lora_dir)
+        if (lora_dir / LORA_WEIGHTS_NAME).is_file():
+            shutil.copyfile(lora_dir / LORA_WEIGHTS_NAME, output_dir / LORA_WEIGHTS_NAME)
+        if (lora_dir / "unet").is_dir():
+            shutil.copytree(lora_dir / "unet", output_dir / "unet", dirs_exist_ok=True)
+    base = Path(args.pretrained_model_name_or_path).expanduser()
+    record = dict(vars(args), resolution=resolution, vae_scaling_factor=scaling_factor, controlnet=True,
+                  num_processes=accelerator.num_processes,
+                  embeddings_file=str(Path(args.embeddings_file).resolve()) if args.embeddings_file else None,
+                  base_model=str(base.resolve()) if base.is_dir() else args.pretrained_model_name_or_path)
+    (output_dir / "medaug_args.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------------
+
+def main(args: argparse.Namespace) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # 1. Base model with --lora_dir applied; the data folder and edge sources are checked first.
+    folder = DatasetFolder(args.train_data_dir)
+    rows = finetune.training_rows(folder, args.split, args.max_train_samples)
+    check_edge_source(args, folder, rows)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = finetune.load_base(args)
+    if args.lora_dir:
+        text_encoder, unet = apply_finetuned(Path(args.lora_dir), tokenizer, text_encoder, vae, unet,
+                                             noise_scheduler)
+    resolution = finetune.resolve_resolution(args, vae, unet)
+    torch.manual_seed(args.seed)
+    condition = finetune.build_condition(args, tokenizer, text_encoder, unet.config.cross_attention_dim)
+    projection_trained = condition.projection is not None and not (
+        args.lora_dir and (Path(args.lora_dir) / "condition_encoder").is_dir())
+    if condition.projection is not None and not projection_trained:
+        condition.projection = load_projection(args.lora_dir).requires_grad_(False).to(accelerator.device)
+    if args.lora_dir and condition.cache_sources is not None:
+        # A fused text-encoder LoRA changes the features, so --lora_dir's files are part of their cache key.
+        condition.cache_sources = (*condition.cache_sources, Path(args.lora_dir) / LORA_WEIGHTS_NAME)
+    inputs = condition.inputs(folder, rows)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    vae.to(accelerator.device)  # fp32: the VAE decodes to NaN in fp16 on some inputs
+    unet.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    for frozen in condition.frozen_modules():
+        frozen.to(accelerator.device, dtype=weight_dtype)
+
+    # 2. Latents, condition features (cached as finetune.py does) and edge maps (made once per run).
+    cache = TensorCache(args.cache_dir)
+    dataset = finetune.pixel_dataset(args, folder, rows, resolution)
+    latents = finetune.cached_latents(args, vae, folder, rows, dataset, cache, accelerator)
+    features = finetune.cached_features(args, condition, inputs, cache, accelerator)
+    control = None if args.no_cache else control_images(args, folder, rows, resolution)
+    resume_path = (resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+                   if args.resume_from_checkpoint else None)
+
+    # 3. The ControlNet, and what of it trains.
+    torch.manual_seed(args.seed + 1)
+    controlnet = build_controlnet(args, unet, vae)
+    make_trainable(args, controlnet)
+    if args.enable_xformers_memory_efficient_attention:
+        controlnet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+    trainable = {"controlnet": controlnet}
+    if projection_trained:
+        trainable["condition_encoder"] = condition.projection
+    parameters = [p for module in trainable.values() for p in module.parameters() if p.requires_grad]
+    for parameter in parameters:
+        parameter.data = parameter.data.float()  # trainable weights stay fp32 under mixed precision
+    controlnet.to(accelerator.device)
+
+    # 4. Optimizer, schedule, data order.
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(torch.arange(len(rows)), batch_size=args.train_batch_size,
+                                         sampler=EpochPermutationSampler(len(rows), args.seed),
+                                         drop_last=len(rows) >= args.train_batch_size)
+    modules = list(trainable.values())
+    prepared = accelerator.prepare(*modules, optimizer, loader, lr_scheduler)
+    modules, optimizer, loader, lr_scheduler = prepared[:len(modules)], *prepared[len(modules):]
+    trainable = dict(zip(trainable, modules))
+    controlnet = trainable["controlnet"]
+    if projection_trained:
+        condition.projection = trainable["condition_encoder"]
+
+    # 5. Resume.
+    configuration = {key: getattr(args, key) for key in CONFIGURATION_KEYS} | {"resolution": resolution}
+    global_step = 0
+    if resume_path is not None:
+        global_step = load_checkpoint(resume_path, {k: accelerator.unwrap_model(m) for k, m in trainable.items()},
+                                      optimizer, lr_scheduler, configuration)
+        logger.info("resumed from %s at step %d", resume_path, global_step)
+    steps_per_epoch = max(1, math.ceil(len(loader) / args.gradient_accumulation_steps))
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("medaug-controlnet", config={k: str(v) for k, v in vars(args).items()})
+
+    # 6. Train: the frozen UNet denoises with the ControlNet's residuals added.
+    scaling_factor = vae.config.scaling_factor
+    losses = []
+    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    micro_step = global_step * args.gradient_accumulation_steps
+    first_step, started = global_step, time.perf_counter()
+    while global_step < args.max_train_steps:
+        epoch, done_in_epoch = divmod(global_step, steps_per_epoch)
+        skip = done_in_epoch * args.gradient_accumulation_steps
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch_loader.set_epoch(epoch)
+        for indices in epoch_loader:
+            indices = indices.cpu()
+            generator = step_generator(args.seed, micro_step, accelerator.process_index)
+            micro_step += 1
+            with accelerator.accumulate(*modules):
+                model_latents = finetune.batch_latents(latents, vae, dataset, indices, generator, scaling_factor,
+                                                       False, accelerator.device).to(weight_dtype)
+                hidden = finetune.batch_hidden_states(args, condition, features, inputs, indices, generator,
+                                                      accelerator.device, weight_dtype).to(weight_dtype)
+                edges = batch_control(args, control, folder, rows, indices, resolution, accelerator.device,
+                                      weight_dtype)
+
+                def predict(noisy, timesteps, hidden_states):
+                    down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden_states,
+                                           controlnet_cond=edges, return_dict=False)
+                    return unet(noisy, timesteps, hidden_states,
+                                down_block_additional_residuals=[r.to(weight_dtype) for r in down],
+                                mid_block_additional_residual=mid.to(weight_dtype)).sample
+
+                loss = finetune.diffusion_loss(args, predict, noise_scheduler, model_latents, hidden, generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            step_loss = accelerator.gather(loss.detach()).mean().item()
+            losses.append(step_loss)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}")
+            accelerator.log({"train_loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+            if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                save_checkpoint(output_dir / f"checkpoint-{global_step}", global_step,
+                                {k: accelerator.unwrap_model(m) for k, m in trainable.items()},
+                                optimizer, lr_scheduler, configuration)
+                prune_checkpoints(output_dir, args.checkpoints_total_limit)
+            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                log_validation(args, global_step, condition, folder, vae, unet, controlnet, text_encoder,
+                               tokenizer, resolution, accelerator)
+            if global_step >= args.max_train_steps:
+                break
+    progress.close()
+    train_seconds = time.perf_counter() - started
+
+    # 7. Save the output folder.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_outputs(args, accelerator, controlnet, condition, projection_trained, resolution, scaling_factor)
+    accelerator.end_training()
+    return {"global_step": global_step, "losses": losses, "computed": list(cache.computed),
+            "resolution": resolution, "output_dir": str(output_dir), "train_seconds": train_seconds,
+            "steps_per_second": (global_step - first_step) / train_seconds if train_seconds else 0.0}
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (DatasetError, EmbeddingError, CheckpointError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
