@@ -34,6 +34,9 @@ def test_wheel_maps_pipelines_and_segmentation_under_medaug(wheel_names):
     assert "medaug/pipelines/__init__.py" in wheel_names
     assert "medaug/segmentation/__init__.py" in wheel_names
     assert "medaug/data/folder.py" in wheel_names and "medaug/cli.py" in wheel_names
+    # generation loads output folders through medaug.training (LoRA file names, file identities)
+    assert {"medaug/pipelines/medaug_controlnet_pipeline.py", "medaug/generate.py",
+            "medaug/training/lora.py"} <= wheel_names
 
 
 def test_wheel_installs_no_foreign_top_level_names(wheel_names):
