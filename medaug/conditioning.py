@@ -172,9 +172,13 @@ class ClipImageCondition(ProjectedCondition):
     def features(self, paths: list[Path]) -> torch.Tensor:
         """CLIP image embeddings of the reference images."""
         from medaug.data import load_image
+
+        return self.image_features([load_image(path, channels=3) for path in paths])
+
+    def image_features(self, images: list[np.ndarray]) -> torch.Tensor:
+        """CLIP image embeddings of (H, W, 3) float images in [0, 1] (what `features` reads from files)."""
         from medaug.embeddings import embed_images
 
-        images = [load_image(path, channels=3) for path in paths]
         return torch.from_numpy(embed_images(self.image_encoder, self.image_processor, images))
 
 

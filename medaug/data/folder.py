@@ -172,11 +172,14 @@ class DatasetFolder:
         split: str | None = None,
         read_images: bool = True,
         progress: Callable[[int], None] | None = None,
+        rows: list[int] | None = None,
     ) -> ScanResult:
-        """Check every row (of one split, or all) and collect problems and per-row statistics."""
+        """Check every row (of one split, or all, or only `rows` of it) and collect problems and per-row
+        statistics; problems of the table as a whole (unknown splits, duplicates) are always reported."""
         result = ScanResult()
         result.problems.extend(self._table_problems())
-        rows = range(len(self)) if split is None else [i for i in range(len(self)) if self.split(i) == split]
+        chosen = range(len(self)) if rows is None else rows
+        rows = chosen if split is None else [i for i in chosen if self.split(i) == split]
         if split is not None and not rows:
             result.problems.append(Problem(f"split '{split}' has no rows", column="split"))
         for index in rows:
@@ -188,9 +191,9 @@ class DatasetFolder:
                 progress(1)
         return result
 
-    def check(self, split: str | None = None, read_images: bool = True) -> ScanResult:
+    def check(self, split: str | None = None, read_images: bool = True, rows: list[int] | None = None) -> ScanResult:
         """`scan`, raising `DatasetError` listing every problem if there is any."""
-        result = self.scan(split, read_images)
+        result = self.scan(split, read_images, rows=rows)
         if result.problems:
             raise DatasetError(self.metadata_path, result.problems)
         return result

@@ -55,9 +55,27 @@ def read_manifest(folder: str | Path) -> list[ManifestEntry]:
 
 
 def append_manifest(folder: str | Path, entry: ManifestEntry) -> None:
-    """Append one entry as a single line and flush it to disk."""
+    """Append one entry as a single line, in one write to a file opened with O_APPEND (so processes writing to
+    the same manifest never interleave within a line), and flush it to disk."""
     path = Path(folder) / MANIFEST_NAME
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(asdict(entry), ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    line = (json.dumps(asdict(entry), ensure_ascii=False) + "\n").encode("utf-8")
+    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(handle, line)
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def drop_torn_line(folder: str | Path) -> bool:
+    """Cut a last line that a killed run left unfinished (no newline), so later appends start on a fresh line;
+    True if one was cut. Call it before appending to a manifest that may come from an interrupted run."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    with open(path, "r+b") as handle:
+        handle.truncate(data.rfind(b"\n") + 1)
+    return True
