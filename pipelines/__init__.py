@@ -1,1 +1,12 @@
-"""diffusers pipelines that load a medaug output folder (installed as `medaug.pipelines`)."""
+"""diffusers pipelines that load a medaug output folder (installed as `medaug.pipelines`).
+
+    from medaug.pipelines import MedaugControlNetPipeline
+
+    pipe = MedaugControlNetPipeline.from_medaug("outputs/busi-controlnet").to("cuda")
+    image = pipe(prompt="breast ultrasound, benign lesion", control_image=edges).images[0]
+"""
+
+from .medaug_controlnet_pipeline import MedaugControlNetPipeline
+from .medaug_pipeline import MedaugPipeline
+
+__all__ = ["MedaugControlNetPipeline", "MedaugPipeline"]

@@ -1,0 +1,93 @@
+"""Output folders of short training runs, for the generation tests: finetune.py for two steps on the tiny
+base, and the same folder with a ControlNet added as train_controlnet.py would save it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT
+
+EMBEDDING_SHAPE = (8, 16)  # an (L, D) embedding, as ELIXR's 32x768 but small
+
+
+def _finetune_module():
+    path = REPO_ROOT / "train_scripts" / "finetune.py"
+    spec = importlib.util.spec_from_file_location("finetune_for_generation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_embeddings(data: Path, path: Path, shape=EMBEDDING_SHAPE, seed: int = 0) -> Path:
+    from medaug.embeddings import save_embeddings
+
+    names = pd.read_csv(data / "metadata.csv", dtype=str)["file_name"]
+    rng = np.random.default_rng(seed)
+    return save_embeddings(path, {name: rng.normal(size=shape).astype(np.float32) for name in names})
+
+
+def finetuned_folder(base: Path, data: Path, output_dir: Path, kind: str = "text") -> Path:
+    """finetune.py for two steps with conditioning `kind` (embedding: an (8, 16) embeddings file beside it)."""
+    finetune = _finetune_module()
+    flags = ["--conditioning", kind]
+    if kind == "embedding":
+        embeddings = write_embeddings(data, output_dir.parent / f"{output_dir.name}.safetensors")
+        flags += ["--embeddings_file", str(embeddings)]
+    args = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--output_dir",
+            str(output_dir), "--cache_dir", str(output_dir.parent / "cache"), "--max_train_steps", "2",
+            "--train_batch_size", "2", "--max_train_samples", "4", "--report_to", "none", "--learning_rate", "1e-3",
+            "--seed", "0", *flags]
+    finetune.main(finetune.parse_args(args))
+    return output_dir
+
+
+def add_controlnet(model_dir: Path, edge_method: str = "mask_boundary", seed: int = 0) -> Path:
+    """A ControlNet copied from the run's UNet with its zero layers made small and random, so the control image
+    changes the output, saved as train_controlnet.py saves one."""
+    from diffusers import ControlNetModel
+
+    from medaug.finetuned import load_components
+
+    components, run = load_components(model_dir)  # the LoRA fused in, as train_controlnet.py copies the UNet
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(components["unet"], conditioning_embedding_out_channels=(16, 32))
+    zero_layers = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                   controlnet.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for layer in zero_layers:
+            layer.weight.normal_(0.0, 0.3)
+            layer.bias.normal_(0.0, 0.3)
+    controlnet.save_pretrained(model_dir / "controlnet", safe_serialization=True)
+    record = dict(run, edge_method=edge_method, controlnet=True)
+    (model_dir / "medaug_args.json").write_text(json.dumps(record, indent=2) + "\n")
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def model_folder(tiny_model_dir, phantom_dir, tmp_path_factory):
+    """`model_folder(kind, controlnet=False)`: an output folder trained on the phantom set, made once per session
+    (import this fixture into a test module to use it)."""
+    import shutil
+
+    made: dict[tuple[str, bool], Path] = {}
+    root = tmp_path_factory.mktemp("model_folders")
+
+    def make(kind: str = "text", controlnet: bool = False) -> Path:
+        key = (kind, controlnet)
+        if key not in made:
+            if controlnet:
+                made[key] = root / f"{kind}-controlnet"
+                shutil.copytree(make(kind), made[key])
+                add_controlnet(made[key])
+            else:
+                made[key] = finetuned_folder(tiny_model_dir, phantom_dir, root / kind, kind)
+        return made[key]
+
+    return make
