@@ -167,6 +167,9 @@ app.command("embed")(embed_command)
 from medaug.commands.edges import edges_command  # noqa: E402
 app.command("edges")(edges_command)
 
+from medaug.commands.generate import generate_command  # noqa: E402
+app.command("generate")(generate_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     app()

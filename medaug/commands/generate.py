@@ -1,0 +1,81 @@
+"""`medaug generate`: a synthetic dataset folder (images, masks, metadata.csv, manifest.jsonl) from a model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from medaug.console import console, fail, progress_bar
+
+
+def generate_command(
+    model_dir: Annotated[Path, typer.Option(
+        "--model_dir", help="Output folder of finetune.py or train_controlnet.py (medaug_args.json and weights).")],
+    output_dir: Annotated[Path, typer.Option(
+        "--output_dir", help="Synthetic folder to write: images/, masks/, metadata.csv, manifest.jsonl.")],
+    edges: Annotated[Optional[Path], typer.Option(
+        "--edges", help="Edge maps to follow: a dataset folder naming them in conditioning_image_file_name (as "
+                        "`medaug edges` writes), or a plain folder of edge images at the output size.")] = None,
+    from_masks: Annotated[Optional[Path], typer.Option(
+        "--from_masks", help="Dataset folder whose masks give edge maps (the model's mask edge method, else "
+                             "mask_boundary); each image carries its row's mask.")] = None,
+    from_images: Annotated[Optional[Path], typer.Option(
+        "--from_images", help="Dataset folder whose images give edge maps (the model's edge method, else "
+                              "canny); masks are carried where rows have them.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(
+        "--prompt", help="Prompt for every image (text models); default: each source row's text.")] = None,
+    embeddings_file: Annotated[Optional[Path], typer.Option(
+        "--embeddings_file", help="Embeddings keyed by the source rows' file_name (embedding models); "
+                                  "default: the file the model was trained with.")] = None,
+    split: Annotated[str, typer.Option("--split", help="Rows of this split of the source give the images.")
+                     ] = "train",
+    num_per_source: Annotated[int, typer.Option("--num_per_source", min=1, help="Images per source row.")] = 1,
+    num_inference_steps: Annotated[int, typer.Option("--num_inference_steps", min=1)] = 30,
+    guidance_scale: Annotated[float, typer.Option(
+        "--guidance_scale", help="Classifier-free guidance; 1 turns it off.")] = 3.0,
+    controlnet_conditioning_scale: Annotated[float, typer.Option(
+        "--controlnet_conditioning_scale", help="How strongly the edge map steers (ControlNet models).")] = 1.0,
+    scheduler: Annotated[str, typer.Option(
+        "--scheduler", help="ddim, ddpm, pndm, euler, euler_a, dpm++, unipc, lms or heun.")] = "ddim",
+    seed: Annotated[int, typer.Option("--seed", help="Each image's seed derives from this and its job.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch_size", min=1, help="Images per denoising batch.")] = 4,
+    resolution: Annotated[Optional[int], typer.Option(
+        "--resolution", help="Output size in pixels; default: the model's training resolution.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue a folder with more --num_per_source or --max_sources than it was made with "
+                         "(a rerun with the same arguments always continues).")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Remove what an earlier generate run wrote in --output_dir and start again.")] = False,
+    max_sources: Annotated[Optional[int], typer.Option(
+        "--max_sources", min=1, help="Use only the first N source rows (debugging).")] = None,
+) -> None:
+    """Generate images (with the masks they were made for) into a dataset folder with a provenance manifest.
+
+    Run under `accelerate launch --num_processes N -m medaug.cli generate ...` to split the images over
+    processes; a killed run continues where it stopped when rerun with the same arguments.
+    """
+    from medaug.generate import generate, process_state
+
+    if overwrite and resume:
+        fail("--resume and --overwrite contradict each other; give one")
+    main_process = process_state().is_main_process  # under accelerate launch, one bar and one summary
+    with progress_bar("generating", disable=not main_process) as bar:
+        task = bar.add_task("images", total=None)
+        try:
+            summary = generate(
+                model_dir, output_dir, edges=edges, from_masks=from_masks, from_images=from_images, prompt=prompt,
+                embeddings_file=embeddings_file, split=split, num_per_source=num_per_source,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                controlnet_conditioning_scale=controlnet_conditioning_scale, scheduler=scheduler, seed=seed,
+                batch_size=batch_size, resolution=resolution, resume=resume, overwrite=overwrite,
+                max_sources=max_sources, on_start=lambda jobs: bar.update(task, total=jobs),
+                progress=lambda n: bar.advance(task, n))
+        except (ValueError, FileNotFoundError, FileExistsError) as error:  # DatasetError, EmbeddingError too
+            fail(str(error))
+    if main_process:
+        console.print(f"wrote {summary['written']} images to {summary['output_dir']} "
+                      f"({summary['skipped']} already there, {summary['total']} in all) in "
+                      f"{summary['seconds']:.1f} s: {summary['images_per_second']:.2f} images/s "
+                      f"over {summary['processes']} process(es)", soft_wrap=True)

@@ -1,0 +1,316 @@
+"""`medaug generate`: a synthetic dataset folder from a medaug output folder.
+
+Structure comes from one source: edge maps (`edges`: a dataset folder naming them in
+conditioning_image_file_name, or a plain folder of edge images at the output size), masks (`from_masks`: edge
+maps drawn from each row's mask, and the mask carried to the generated image) or images (`from_images`: edge
+maps from each row's image, masks carried where rows have them). Conditions come from `prompt` or from each
+source row (its text, its image as a reference, or its embedding). A model without a ControlNet uses the source
+rows for their conditions only.
+
+Every image is job (source, number) with its own seed, derived from `seed` and that pair only. Jobs are cut
+into batches of `batch_size` in order, and under `accelerate launch` process k takes the batches whose number is
+k modulo the number of processes; a batch is always sampled whole, so reruns and any split over processes give
+bit-identical images (another --batch_size changes floating-point sums, by at most a grey level or so). Files
+are written under a temporary name and renamed; a job is done once its manifest line is written; a rerun skips
+done jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medaug.data import MANIFEST_NAME, ManifestEntry, append_manifest
+from medaug.generate_sources import Source, plan_sources
+from medaug.synthetic import (check_output_folder, finished_files, prepare_output_folder, write_array_png,
+                              write_metadata)
+
+# The arguments that define a synthetic folder's images: a rerun with any of them changed is refused, except
+# that --resume may raise num_per_source and max_sources (existing images keep their seeds).
+GROWABLE = ("num_per_source", "max_sources")
+
+
+@dataclass
+class Job:
+    index: int  # position in the whole run
+    source: int  # position in the source list
+    number: int  # which image of its source
+    seed: int
+    file_name: str
+    mask_file_name: str = ""
+
+
+@dataclass
+class Plan:
+    """Everything a run generates, checked before any model is loaded or any file written."""
+
+    run: dict
+    settings: dict
+    sources: list[Source]
+    jobs: list[Job]
+    controlnet: bool
+    embeddings: dict = field(default_factory=dict)
+
+
+def job_seed(seed: int, source: int, number: int) -> int:
+    """A per-image seed from the run's seed and the image's (source, number) only."""
+    return int(np.random.SeedSequence([seed, source, number]).generate_state(1)[0])
+
+
+def _stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", Path(name).stem)[-40:] if name else "prompt"
+
+
+def make_jobs(sources: list[Source], num_per_source: int, seed: int) -> list[Job]:
+    jobs = []
+    for position, source in enumerate(sources):
+        for number in range(num_per_source):
+            name = f"{position:05d}_{number:03d}_{_stem(source.file_name)}.png"
+            jobs.append(Job(len(jobs), position, number, job_seed(seed, position, number), f"images/{name}",
+                            f"masks/{name}" if source.mask_path is not None else ""))
+    return jobs
+
+
+def model_identity(model_dir: Path) -> str:
+    """What a model folder's weights are: each weight file's path, size and modification time, hashed."""
+    from medaug.training.cache import file_identity
+
+    parts = []
+    for name in ("medaug_args.json", "pytorch_lora_weights.safetensors", "unet", "condition_encoder", "controlnet"):
+        path = model_dir / name
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        parts += [file_identity(file) for file in files if file.is_file()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def plan_generation(model_dir, edges=None, from_masks=None, from_images=None, prompt=None, embeddings_file=None,
+                    split="train", num_per_source=1, num_inference_steps=30, guidance_scale=3.0,
+                    controlnet_conditioning_scale=1.0, scheduler="ddim", seed=0, resolution=None,
+                    max_sources=None) -> Plan:
+    """Check the flags, the model folder and the source, and list the jobs; raises ValueError naming the flag,
+    file or column at fault."""
+    from medaug.finetuned import SCHEDULERS, read_run_args
+
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"--scheduler: unknown scheduler '{scheduler}'; expected one of {', '.join(SCHEDULERS)}")
+    for flag, value in (("--num_per_source", num_per_source), ("--num_inference_steps", num_inference_steps),
+                        ("--max_sources", max_sources if max_sources is not None else 1)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    given = {flag: path for flag, path in (("--edges", edges), ("--from_masks", from_masks),
+                                           ("--from_images", from_images)) if path is not None}
+    if len(given) > 1:
+        raise ValueError(f"give one source of structure, not {' and '.join(given)}")
+    model_dir = Path(model_dir).resolve()
+    run = read_run_args(model_dir)
+    controlnet = (model_dir / "controlnet" / "config.json").is_file()
+    resolution = int(resolution or run["resolution"])
+    if resolution < 8 or resolution % 8:
+        raise ValueError(f"--resolution {resolution}: must be a positive multiple of 8")
+    kind = run["conditioning"]
+    if prompt is not None and kind != "text":
+        raise ValueError(f"--prompt: {model_dir} is conditioned on {kind}, not text; its conditions come from the "
+                         "source rows")
+    if embeddings_file is not None and kind != "embedding":
+        raise ValueError(f"--embeddings_file: {model_dir} is conditioned on {kind}; only embedding models take one")
+    flag, path = next(iter(given.items()), (None, None))
+    sources, edge_method = plan_sources(run, model_dir, controlnet, flag, path, split, resolution, max_sources,
+                                        prompt)
+    embeddings, embeddings_path = _embeddings(run, model_dir, kind, embeddings_file, sources)
+    settings = {
+        "model_dir": str(model_dir), "model_identity": model_identity(model_dir), "conditioning": kind,
+        "source": flag.lstrip("-") if flag else None, "source_dir": str(Path(path).resolve()) if path else None,
+        "split": split if flag and sources[0].row is not None else None, "prompt": prompt,
+        "embeddings_file": embeddings_path, "num_per_source": num_per_source, "max_sources": max_sources,
+        "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+        "controlnet_conditioning_scale": controlnet_conditioning_scale if controlnet else None,
+        "edge_method": edge_method, "scheduler": scheduler, "seed": seed, "resolution": resolution,
+        "fit": run.get("fit") or "pad",
+    }
+    return Plan(run, settings, sources, make_jobs(sources, num_per_source, seed), controlnet, embeddings)
+
+
+def _embeddings(run: dict, model_dir: Path, kind: str, embeddings_file, sources: list[Source]):
+    """Each source's embedding for an embedding model (from --embeddings_file, else the run's file)."""
+    from medaug.embeddings import check_embeddings, load_embeddings
+
+    if kind != "embedding":
+        return {}, None
+    path = embeddings_file or run.get("embeddings_file")
+    if not path:
+        raise ValueError(f"--embeddings_file: {model_dir} was trained on embeddings but names no file; pass one")
+    if not Path(path).is_file():
+        raise ValueError(f"--embeddings_file: {path} not found" + ("" if embeddings_file else
+                                                                   f" (named by {model_dir}/medaug_args.json)"))
+    if sources[0].row is None:
+        raise ValueError("an embedding model takes its conditions from the source rows' embeddings; give "
+                         "--from_masks, --from_images or an --edges dataset folder with metadata.csv")
+    shape = run.get("embedding_shape")
+    table = load_embeddings(path, run.get("embedding_key_column") or "file_name",
+                            run.get("embedding_value_column") or "embedding", tuple(shape) if shape else None)
+    config = json.loads((model_dir / "condition_encoder" / "config.json").read_text())
+    tokens, width = config["input_tokens"], config["input_dim"]
+    keys = [source.file_name for source in sources]
+    check_embeddings(table, keys, path, (tokens, width) if tokens > 0 else (width,))
+    return {key: table[key] for key in keys}, str(Path(path).resolve())
+
+
+def _condition_hash(parts: list[bytes]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()[:16]
+
+
+def _batch_inputs(plan: Plan, batch: list[Job]) -> tuple[dict, list[str], list[str]]:
+    """The pipeline's condition and control arguments for a batch, the prompts shown, the condition hashes."""
+    kind = plan.run["conditioning"]
+    sources = [plan.sources[job.source] for job in batch]
+    arguments, prompts, hashes = {}, [""] * len(batch), []
+    parts = [[] for _ in batch]
+    if kind == "text":
+        prompts = [source.condition for source in sources]
+        arguments["prompt"] = prompts
+    elif kind == "clip_image":
+        arguments["reference_image"] = [source.condition for source in sources]
+        parts = [[Path(source.condition).read_bytes()] for source in sources]
+    else:
+        values = [plan.embeddings[source.file_name] for source in sources]
+        arguments["embeddings"] = np.stack(values)
+        parts = [[np.ascontiguousarray(value, dtype=np.float32).tobytes()] for value in values]
+    if plan.controlnet:
+        controls = [source.control_image(plan.settings["resolution"], plan.settings["fit"]) for source in sources]
+        arguments["control_image"] = [np.round(control * 255.0) / 255.0 for control in controls]
+        for part, control in zip(parts, arguments["control_image"]):
+            part.append(np.round(control * 255.0).astype(np.uint8).tobytes())
+    hashes = [_condition_hash(part) if part else "" for part in parts]
+    return arguments, prompts, hashes
+
+
+def _write_job(output_dir: Path, plan: Plan, job: Job, image: np.ndarray, prompt: str, condition_hash: str,
+               process_index: int) -> None:
+    """Mask, then image, each renamed into place; the manifest line last, so it means the job is done."""
+    source = plan.sources[job.source]
+    if job.mask_file_name:
+        mask = source.fitted_mask(plan.settings["resolution"], plan.settings["fit"])
+        write_array_png(mask.astype(np.uint8) * 255, output_dir / job.mask_file_name)
+    write_array_png(np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), output_dir / job.file_name)
+    extra = {"process_index": process_index, "number": job.number, "text": prompt or source.text,
+             "label": source.label}
+    if plan.controlnet:
+        extra["edge_method"] = plan.settings["edge_method"]
+    append_manifest(output_dir, ManifestEntry(
+        file_name=job.file_name, seed=job.seed, model_dir=plan.settings["model_dir"],
+        mask_file_name=job.mask_file_name, source_dataset=plan.settings["source_dir"] or "",
+        source_file_name=source.file_name, source_split=source.split, prompt=prompt,
+        condition_hash=condition_hash, extra=extra))
+
+
+def my_batches(jobs: list[Job], batch_size: int, done: set[str], process_index: int,
+               num_processes: int) -> list[list[Job]]:
+    """This process's batches: the run's jobs cut into batches in order, batch b to process b % processes,
+    keeping those with a job not yet done. A batch is always sampled whole (its done images are not written
+    again), so each image comes from the same batch of seeds, and the same floating-point sums, however many
+    processes share the run and wherever a killed run stopped."""
+    batches = [jobs[start:start + batch_size] for start in range(0, len(jobs), batch_size)]
+    return [batch for number, batch in enumerate(batches) if number % num_processes == process_index
+            and any(job.file_name not in done for job in batch)]
+
+
+def load_pipeline(plan: Plan, device):
+    """The model folder as MedaugPipeline or MedaugControlNetPipeline, with the run's scheduler, on `device`."""
+    from medaug.pipelines import MedaugControlNetPipeline, MedaugPipeline
+
+    pipeline_class = MedaugControlNetPipeline if plan.controlnet else MedaugPipeline
+    pipeline = pipeline_class.from_medaug(plan.settings["model_dir"], scheduler=plan.settings["scheduler"])
+    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    step = vae_scale * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
+    if plan.settings["resolution"] % step:
+        raise ValueError(f"--resolution {plan.settings['resolution']}: must be a multiple of {step} for this model "
+                         f"(VAE downsamples {vae_scale}x, UNet {step // vae_scale}x)")
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def process_state():
+    """accelerate's process state; without an accelerator, launched processes still form a CPU (gloo) group."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
+
+
+def generate(model_dir: str | Path, output_dir: str | Path, edges: str | Path | None = None,
+             from_masks: str | Path | None = None, from_images: str | Path | None = None, prompt: str | None = None,
+             embeddings_file: str | Path | None = None, split: str = "train", num_per_source: int = 1,
+             num_inference_steps: int = 30, guidance_scale: float = 3.0, controlnet_conditioning_scale: float = 1.0,
+             scheduler: str = "ddim", seed: int = 0, batch_size: int = 4, resolution: int | None = None,
+             resume: bool = False, overwrite: bool = False, max_sources: int | None = None,
+             progress: Callable[[int], None] | None = None, on_start: Callable[[int], None] | None = None) -> dict:
+    """Generate a synthetic dataset folder; return {written, skipped, total, seconds, images_per_second, ...}.
+
+    Raises ValueError (or FileNotFoundError, FileExistsError) naming the flag or file at fault before any file
+    is written. `on_start(jobs)` is told how many jobs this process has left, `progress(n)` as they finish.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+    output_dir = Path(output_dir)
+    plan = plan_generation(model_dir, edges, from_masks, from_images, prompt,
+                           str(embeddings_file) if embeddings_file else None, split, num_per_source,
+                           num_inference_steps, guidance_scale, controlnet_conditioning_scale, scheduler, seed,
+                           resolution, max_sources)
+    check_output_folder(output_dir, plan.settings, resume, overwrite, GROWABLE)
+    state = process_state()
+    loading = time.perf_counter()
+    pipeline = load_pipeline(plan, state.device)
+    load_seconds = time.perf_counter() - loading
+    if state.is_main_process:
+        prepare_output_folder(output_dir, plan.settings, overwrite,
+                              masks=any(job.mask_file_name for job in plan.jobs))
+    state.wait_for_everyone()
+    done = finished_files(output_dir)
+    mine = my_batches(plan.jobs, batch_size, done, state.process_index, state.num_processes)
+    pending = sum(job.file_name not in done for batch in mine for job in batch)
+    if on_start is not None:
+        on_start(pending)
+    started = time.perf_counter()
+    for batch in mine:
+        arguments, prompts, hashes = _batch_inputs(plan, batch)
+        generators = [torch.Generator().manual_seed(job.seed) for job in batch]
+        extra = {"controlnet_conditioning_scale": controlnet_conditioning_scale} if plan.controlnet else {}
+        images = pipeline(**arguments, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                          generator=generators, height=plan.settings["resolution"],
+                          width=plan.settings["resolution"], output_type="np", **extra).images
+        todo = [item for item in zip(batch, images, prompts, hashes) if item[0].file_name not in done]
+        for job, image, text, condition_hash in todo:
+            _write_job(output_dir, plan, job, image, text, condition_hash, state.process_index)
+        if progress is not None:
+            progress(len(todo))
+    state.wait_for_everyone()
+    seconds = time.perf_counter() - started
+    written = _total(state, pending)
+    if state.is_main_process:
+        write_metadata(output_dir)
+    return {"written": written, "skipped": sum(job.file_name in done for job in plan.jobs),
+            "total": len(plan.jobs), "seconds": seconds, "images_per_second": written / seconds if seconds > 0 else 0.0,
+            "load_seconds": load_seconds, "processes": state.num_processes, "output_dir": str(output_dir),
+            "manifest": str(output_dir / MANIFEST_NAME)}
+
+
+def _total(state, count: int) -> int:
+    """`count` summed over the launched processes."""
+    if state.num_processes == 1:
+        return count
+    from accelerate.utils import gather_object
+
+    return int(sum(gather_object([count])))
+

@@ -1,0 +1,169 @@
+"""Where `medaug generate` takes structure and conditions from: the sources of a run, checked up front.
+
+A source is one row of a dataset folder (or one edge map of a plain folder, or just the prompt): it gives the
+ControlNet's edge map, the condition (prompt, reference image or embedding key) and the mask the generated
+images carry. Edge maps are made by `medaug.edges.row_control_image`, the function ControlNet training uses,
+so generation sees edges exactly as training did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medaug.data import DatasetError, DatasetFolder, Problem
+
+EDGE_COLUMN = "conditioning_image_file_name"
+
+
+@dataclass
+class Source:
+    file_name: str  # the row's file_name, an edge map's name in a plain folder, or "" (a prompt alone)
+    split: str  # the row's split ("" where there are no rows)
+    condition: object  # the prompt, the reference image's path, or the embedding's key
+    row: int | None = None
+    folder: DatasetFolder | None = None
+    text: str = ""
+    label: str = ""
+    mask_path: Path | None = None
+    edge_method: str | None = None  # None: a precomputed edge map (EDGE_COLUMN, or edge_file)
+    edge_file: Path | None = None
+
+    def control_image(self, resolution: int, fit: str) -> np.ndarray:
+        """(R, R, 3) float32 edge map in [0, 1]."""
+        from medaug.data import load_image
+        from medaug.edges import row_control_image, to_control_image
+
+        if self.edge_file is not None:
+            return to_control_image(load_image(self.edge_file, 1)[:, :, 0])
+        return row_control_image(self.folder, self.row, resolution, fit, self.edge_method, EDGE_COLUMN)
+
+    def fitted_mask(self, resolution: int, fit: str) -> np.ndarray:
+        """The row's mask fitted to the square as its image is (nearest neighbour), boolean (R, R)."""
+        from medaug.data import fit_square, load_mask
+
+        return fit_square(load_mask(self.mask_path, self.folder.slice_index(self.row)), resolution, fit, nearest=True)
+
+
+def plan_sources(run: dict, model_dir: Path, controlnet: bool, flag: str | None, path, split: str,
+                 resolution: int, max_sources: int | None, prompt: str | None) -> tuple[list[Source], str | None]:
+    """The sources of a run and the edge method used for them ("precomputed" for given edge maps, None
+    without a ControlNet); raises ValueError naming the flag, file or column at fault."""
+    kind = run["conditioning"]
+    if flag is None:
+        if controlnet:
+            raise ValueError(f"{model_dir} has a ControlNet: give --edges, --from_masks or --from_images for its "
+                             "edge maps")
+        if kind != "text" or prompt is None:
+            raise ValueError(f"give --prompt, or --from_masks/--from_images whose rows hold the {kind} conditions")
+        return [Source(file_name="", split="", condition=prompt)], None
+    path = Path(path)
+    if flag == "--edges" and not controlnet:
+        raise ValueError(f"--edges: {model_dir} has no controlnet/, so edge maps cannot steer it; give a "
+                         "train_controlnet.py output folder, or --from_masks/--from_images for conditions only")
+    if flag == "--edges" and not any((path / name).is_file() for name in ("metadata.csv", "metadata.jsonl")):
+        return _plain_edge_sources(path, kind, resolution, max_sources, prompt), "precomputed"
+    try:
+        folder = DatasetFolder(path)
+        rows = folder.indices(split)[:max_sources]
+    except DatasetError as error:
+        raise ValueError(f"{flag} {error}") from error
+    method = _edge_method(run, flag, controlnet)
+    needs = {"--from_masks": "mask_file_name", "--edges": EDGE_COLUMN}.get(flag)
+    if method == "fused":
+        needs = "mask_file_name"
+    if needs:
+        _require_column(folder, rows, needs, flag)
+    try:
+        folder.check(split, rows=rows)
+    except DatasetError as error:
+        raise ValueError(f"{flag} {error}") from error
+    carry_masks = flag == "--from_masks" or folder.has_column("mask_file_name")
+    sources = [Source(file_name=folder.value(i, "file_name"), split=folder.split(i), condition=None, row=i,
+                      folder=folder, text=folder.value(i, "text"), label=folder.value(i, "label"),
+                      mask_path=folder.path(i, "mask_file_name") if carry_masks else None,
+                      edge_method=None if method == "precomputed" else method) for i in rows]
+    _set_conditions(run, sources, folder, rows, prompt, flag)
+    return sources, method
+
+
+def _edge_method(run: dict, flag: str, controlnet: bool) -> str | None:
+    """How a source's edge maps are made: the model's --edge_method where it fits the source."""
+    from medaug.edges import MASK_METHODS
+
+    if not controlnet:
+        return None
+    method = run.get("edge_method")
+    if flag == "--edges":
+        return "precomputed"
+    if flag == "--from_masks":
+        return method if method in MASK_METHODS else "mask_boundary"
+    if method == "mask_boundary":
+        raise ValueError("--from_images: the model's edge maps are mask boundaries (edge_method mask_boundary), "
+                         "which images do not give; use --from_masks")
+    return method or "canny"
+
+
+def _require_column(folder: DatasetFolder, rows: list[int], column: str, flag: str) -> None:
+    if not folder.has_column(column):
+        raise ValueError(f"{flag} {folder.metadata_path}: column '{column}' is missing; {flag} needs it")
+    missing = [Problem(f"{flag} needs this row's {column}; it is empty", row=i + 1, column=column,
+                       file=folder.value(i, "file_name")) for i in rows if not folder.value(i, column)]
+    if missing:
+        raise ValueError(f"{flag} {DatasetError(folder.metadata_path, missing)}")
+
+
+def _set_conditions(run: dict, sources: list[Source], folder: DatasetFolder, rows: list[int], prompt, flag) -> None:
+    """Each source's condition: the prompt or the row's text, the row's reference image, or its embedding key
+    (the key is checked against the embeddings file later)."""
+    kind = run["conditioning"]
+    if kind == "text":
+        column = run.get("caption_column") or "text"
+        texts = [prompt or folder.value(i, column) for i in rows]
+        empty = [str(i + 1) for i, text in zip(rows, texts) if not text]
+        if empty:
+            raise ValueError(f"{flag} {folder.metadata_path}: column '{column}' is empty or missing in row(s) "
+                             f"{', '.join(empty[:10])}; fill it or pass --prompt")
+        values = texts
+    elif kind == "clip_image":
+        column = run.get("reference_column") or "file_name"
+        values = [folder.path(i, column) for i in rows]
+        missing = [str(i + 1) for i, value in zip(rows, values) if value is None or not value.is_file()]
+        if missing:
+            raise ValueError(f"{flag} {folder.metadata_path}: column '{column}' names no existing reference image "
+                             f"in row(s) {', '.join(missing[:10])}")
+    else:
+        values = [folder.value(i, "file_name") for i in rows]
+    for source, value in zip(sources, values):
+        source.condition = value
+
+
+def _plain_edge_sources(path: Path, kind: str, resolution: int, max_sources: int | None,
+                        prompt: str | None) -> list[Source]:
+    """A folder of edge images without metadata: each must already be resolution x resolution."""
+    from medaug.data.loading import RASTER_SUFFIXES, ImageReadError, image_size
+
+    if not path.is_dir():
+        raise ValueError(f"--edges: {path} is not a folder")
+    files = sorted(file for file in path.iterdir()
+                   if file.is_file() and not file.name.startswith(".") and file.suffix.lower() in RASTER_SUFFIXES)
+    if not files:
+        raise ValueError(f"--edges: {path} has no metadata.csv and no edge images ({', '.join(RASTER_SUFFIXES)})")
+    if kind != "text":
+        raise ValueError(f"--edges: {path} is a plain folder of edge maps with no rows to take {kind} conditions "
+                         "from; give a dataset folder (with metadata.csv) instead")
+    if prompt is None:
+        raise ValueError(f"--prompt: required with --edges {path}, a plain folder of edge maps without prompts")
+    files = files[:max_sources]
+    for file in files:
+        try:
+            height, width = image_size(file)
+        except ImageReadError as error:
+            raise ValueError(f"--edges: {error}") from error
+        if (height, width) != (resolution, resolution):
+            raise ValueError(f"--edges: {file}: size {width}x{height} differs from the output size "
+                             f"{resolution}x{resolution} (--resolution); edge maps of a plain folder must be at "
+                             "the output size")
+    return [Source(file_name=file.name, split="", condition=prompt, edge_file=file) for file in files]

@@ -1,0 +1,125 @@
+"""The synthetic folder `medaug generate` writes: a dataset folder (images/, masks/, metadata.csv) plus
+manifest.jsonl and generate_args.json.
+
+The manifest is the record of what is done: a file counts once its line is there, metadata.csv is rebuilt from
+it, and a rerun skips what it lists. generate_args.json holds the arguments that define the images, so a rerun
+with other arguments is refused instead of mixing two runs in one folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from medaug.data import MANIFEST_NAME, read_manifest
+from medaug.data.manifest import drop_torn_line
+
+ARGS_NAME = "generate_args.json"
+OUTPUT_ENTRIES = ("images", "masks", "metadata.csv", MANIFEST_NAME, ARGS_NAME)
+PARTIAL_SUFFIX = ".partial"
+
+
+def _recorded(output_dir: Path) -> dict | None:
+    path = output_dir / ARGS_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _changes(old: dict, new: dict) -> list[str]:
+    return [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+def _grows(old, new) -> bool:
+    """A count (None: all) that is at least as large as before."""
+    return new is None or (old is not None and new >= old)
+
+
+def check_output_folder(output_dir: Path, settings: dict, resume: bool, overwrite: bool,
+                        growable: tuple[str, ...]) -> None:
+    """Refuse a non-empty folder that another run made, unless `overwrite`. A folder of this run (same
+    settings) continues; with `resume`, the counts in `growable` may also grow. Reads only."""
+    if overwrite or not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise FileExistsError(f"--output_dir: {output_dir} exists and is not a folder")
+    if not any(output_dir.iterdir()):
+        return
+    old = _recorded(output_dir)
+    if old is None:
+        raise FileExistsError(f"--output_dir: {output_dir} is not empty and was not written by medaug generate; "
+                              "choose another folder or pass --overwrite")
+    changes = _changes(old, settings)
+    if not changes:
+        return
+    shown = "; ".join(f"{key}: was {old.get(key)!r}, now {settings.get(key)!r}" for key in changes)
+    if resume and all(key in growable and _grows(old.get(key), settings.get(key)) for key in changes):
+        return
+    hint = (f" (--resume continues a folder only with more {' or '.join('--' + key for key in growable)})"
+            if resume else "")
+    raise FileExistsError(f"--output_dir: {output_dir} holds images generated with other arguments ({shown}){hint}; "
+                          "pass --overwrite to replace them, or choose another folder")
+
+
+def prepare_output_folder(output_dir: Path, settings: dict, overwrite: bool, masks: bool) -> None:
+    """Make the folders, record the settings, and clear what an interrupted run left: temporary files and a
+    torn last manifest line. With `overwrite`, remove what an earlier generate run wrote (nothing else)."""
+    if overwrite and output_dir.is_dir():
+        for name in OUTPUT_ENTRIES:
+            entry = output_dir / name
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry.exists():
+                entry.unlink()
+    (output_dir / "images").mkdir(parents=True, exist_ok=True)
+    if masks:
+        (output_dir / "masks").mkdir(exist_ok=True)
+    for folder in (output_dir, output_dir / "images", output_dir / "masks"):
+        for stray in folder.glob(f".*{PARTIAL_SUFFIX}") if folder.is_dir() else ():
+            stray.unlink()
+    drop_torn_line(output_dir)
+    _replace_text(output_dir / ARGS_NAME, json.dumps(settings, indent=2) + "\n")
+
+
+def finished_files(output_dir: Path) -> set[str]:
+    """Images the manifest lists whose files (and masks) are in place."""
+    return {entry.file_name for entry in read_manifest(output_dir)
+            if (output_dir / entry.file_name).is_file()
+            and (not entry.mask_file_name or (output_dir / entry.mask_file_name).is_file())}
+
+
+def _partial(target: Path) -> Path:
+    return target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
+
+
+def _replace_text(target: Path, text: str) -> None:
+    partial = _partial(target)
+    partial.write_text(text)
+    os.replace(partial, target)
+
+
+def write_array_png(array: np.ndarray, target: Path) -> None:
+    """A uint8 (H, W) or (H, W, 3) array as PNG, written under a temporary name and renamed into place."""
+    from PIL import Image
+
+    partial = _partial(target)
+    Image.fromarray(array).save(partial, format="PNG")
+    os.replace(partial, target)
+
+
+def write_metadata(output_dir: Path) -> Path:
+    """metadata.csv from the manifest: one row per image (the last line wins), split train; mask_file_name,
+    text and label columns where any image has one."""
+    import pandas as pd
+
+    entries = {entry.file_name: entry for entry in read_manifest(output_dir)}
+    rows = [{"file_name": name, "mask_file_name": entry.mask_file_name, "text": entry.extra.get("text", ""),
+             "label": entry.extra.get("label", ""), "split": "train"}
+            for name, entry in sorted(entries.items())]
+    table = pd.DataFrame(rows, columns=["file_name", "mask_file_name", "text", "label", "split"])
+    table = table[[column for column in table.columns
+                   if column in ("file_name", "split") or table[column].astype(bool).any()]]
+    _replace_text(output_dir / "metadata.csv", table.to_csv(index=False))
+    return output_dir / "metadata.csv"
