@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medaug.data import MANIFEST_NAME, ManifestEntry, append_manifest
+from medaug.data import MANIFEST_NAME, ManifestEntry, append_manifest, to_channels
 from medaug.generate_sources import Source, plan_sources
 from medaug.synthetic import (check_output_folder, finished_files, prepare_output_folder, write_array_png,
                               write_metadata)
@@ -132,9 +132,27 @@ def plan_generation(model_dir, edges=None, from_masks=None, from_images=None, pr
         "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
         "controlnet_conditioning_scale": controlnet_conditioning_scale if controlnet else None,
         "edge_method": edge_method, "scheduler": scheduler, "seed": seed, "resolution": resolution,
-        "fit": run.get("fit") or "pad",
+        "fit": run.get("fit") or "pad", "channels": output_channels(run),
     }
     return Plan(run, settings, sources, make_jobs(sources, num_per_source, seed), controlnet, embeddings)
+
+
+def output_channels(run: dict, sample: int = 8) -> int:
+    """1 when the model was trained on grey images (its outputs' 3 channels then carry one signal), else 3: a
+    synthetic folder stores images as its real counterpart does, so metrics and benchmarks compare like with
+    like."""
+    from medaug.data import DatasetFolder
+    from medaug.metrics.imagesets import stored_channels
+
+    data = run.get("train_data_dir")
+    if not data or not Path(data).is_dir():
+        return 3
+    try:
+        folder = DatasetFolder(data)
+        rows = folder.indices(run.get("split") or None)[:sample]
+        return max(stored_channels(folder.path(i, "file_name"), folder.slice_index(i)) for i in rows)
+    except (ValueError, OSError):
+        return 3  # the training data moved or changed: keep what the model produces
 
 
 def _embeddings(run: dict, model_dir: Path, kind: str, embeddings_file, sources: list[Source]):
@@ -201,6 +219,8 @@ def _write_job(output_dir: Path, plan: Plan, job: Job, image: np.ndarray, prompt
     if job.mask_file_name:
         mask = source.fitted_mask(plan.settings["resolution"], plan.settings["fit"])
         write_array_png(mask.astype(np.uint8) * 255, output_dir / job.mask_file_name)
+    if plan.settings["channels"] == 1:
+        image = to_channels(image, 1)[:, :, 0]
     write_array_png(np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), output_dir / job.file_name)
     extra = {"process_index": process_index, "number": job.number, "text": prompt or source.text,
              "label": source.label}

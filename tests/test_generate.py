@@ -47,6 +47,7 @@ def assert_synthetic_folder(output_dir: Path, expected: int, with_masks: bool = 
         with Image.open(output_dir / entry.file_name) as image:
             image.load()
             assert image.size == (64, 64)
+            assert image.mode == "L"  # every model here learned from grey phantoms or BUSI: stored grey too
         if with_masks:
             assert entry.mask_file_name and (output_dir / entry.mask_file_name).is_file()
             with Image.open(output_dir / entry.mask_file_name) as mask:
