@@ -167,6 +167,9 @@ app.command("embed")(embed_command)
 from medaug.commands.edges import edges_command  # noqa: E402
 app.command("edges")(edges_command)
 
+from medaug.commands.demo import demo_command  # noqa: E402
+app.command("demo")(demo_command)
+
 from medaug.commands.generate import generate_command  # noqa: E402
 app.command("generate")(generate_command)
 

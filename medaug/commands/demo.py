@@ -1,0 +1,44 @@
+"""`medaug demo`: the whole chain, stage by stage, ending in OUT/report.html."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from medaug.console import console, fail
+
+
+def demo_command(
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="Dataset folder with masks and train/test splits (e.g. ../shared/datasets/busi); default: "
+        "a phantom ultrasound dataset the demo makes itself.")] = None,
+    output_dir: Annotated[Path, typer.Option("--output_dir", help="Folder for every stage's outputs and "
+                                             "report.html; running again resumes unfinished stages.")] = Path(
+        "medaug-demo"),
+    max_train_images: Annotated[Optional[int], typer.Option(
+        "--max_train_images", min=2, help="Use the first N training rows (keeps real data quick).")] = None,
+    resolution: Annotated[int, typer.Option("--resolution", help="Diffusion training and generation size.")] = 64,
+    finetune_steps: Annotated[int, typer.Option("--finetune_steps", min=1)] = 300,
+    controlnet_steps: Annotated[int, typer.Option("--controlnet_steps", min=1)] = 200,
+    seg_epochs: Annotated[int, typer.Option("--seg_epochs", min=1, help="Epochs of each segmentation run.")] = 15,
+    seg_seeds: Annotated[int, typer.Option("--seg_seeds", min=2, help="Seeds per arm of the study.")] = 2,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again in an --output_dir that holds a "
+                                            "demo with other settings.")] = False,
+) -> None:
+    """Show the whole idea on one dataset: base model, VAE, fine-tuning, ControlNet, generation with masks,
+    quality metrics and a segmentation study real vs real+synthetic, all in OUT/report.html."""
+    from medaug.demo import DemoError, DemoSettings, run_demo
+
+    settings = DemoSettings(max_train_images=max_train_images, resolution=resolution, finetune_steps=finetune_steps,
+                            controlnet_steps=controlnet_steps, seg_epochs=seg_epochs, seg_seeds=seg_seeds)
+
+    def announce(number: int, total: int, title: str, done: bool) -> None:
+        console.rule(f"[bold]stage {number}/{total}: {title}" + (" (done, skipped)" if done else ""))
+
+    try:
+        report = run_demo(output_dir, data, settings, overwrite=overwrite, on_stage=announce)
+    except (DemoError, FileExistsError) as error:
+        fail(str(error))
+    console.print(f"report: {report}")

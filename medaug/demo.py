@@ -1,0 +1,303 @@
+"""`medaug demo`: the whole chain on a phantom (or a given) dataset, one resumable stage at a time.
+
+data -> base model (`small` preset) -> VAE -> fine-tune on label prompts -> ControlNet on mask edges -> generate
+images with their masks -> domain encoder and quality metrics -> segmentation study real vs real+synthetic ->
+report.html. Each finished stage leaves `stages/<name>.json`; a rerun skips those and resumes the others
+(training scripts from their latest checkpoint, generation from its manifest). The training scripts are run
+in-process from the checkout's `train_scripts/`, exactly as `accelerate launch` would run them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+STAGE_FOLDER = "stages"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo does at each stage; defaults finish in under 15 minutes on a 2-core CPU."""
+
+    phantom_images: int = 48
+    phantom_size: int = 128
+    preset: str = "small"
+    resolution: int = 64
+    max_train_images: int | None = None  # use the first N training rows (real data can be large)
+    vae_steps: int = 150
+    finetune_steps: int = 300
+    controlnet_steps: int = 200
+    train_batch_size: int = 8
+    edge_method: str = "mask_boundary"
+    num_per_source: int = 1
+    inference_steps: int = 20
+    guidance_scale: float = 3.0
+    encoder_steps: int = 60
+    seg_resolution: int = 64
+    seg_epochs: int = 15
+    seg_seeds: int = 2
+    seed: int = 0
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [item.name for item in fields(cls)]
+
+
+class DemoError(ValueError):
+    """The demo cannot run as asked; the message names the flag or folder."""
+
+
+def find_train_scripts() -> Path:
+    """`train_scripts/` of the checkout: beside the installed package (editable install) or in the cwd."""
+    import medaug
+
+    for candidate in (Path(medaug.__file__).resolve().parents[1] / "train_scripts", Path.cwd() / "train_scripts"):
+        if (candidate / "finetune.py").is_file():
+            return candidate
+    raise DemoError("train_scripts/ not found: run `medaug demo` from a medaug checkout (the training scripts "
+                    "are not installed with the package)")
+
+
+def load_script(name: str):
+    folder = find_train_scripts()
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))  # train_controlnet.py imports finetune.py's phases
+    spec = importlib.util.spec_from_file_location(f"medaug_demo_{name}", folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, arguments: list) -> dict:
+    module = load_script(name)
+    return module.main(module.parse_args([str(value) for value in arguments]))
+
+
+def resume_flag(output_dir: Path) -> list[str]:
+    """--resume_from_checkpoint latest when an interrupted run left a checkpoint."""
+    return ["--resume_from_checkpoint", "latest"] if any(output_dir.glob("checkpoint-*")) else []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stages: each takes the demo's folders and settings and returns what the report shows.
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Demo:
+    output_dir: Path
+    data: Path | None
+    settings: DemoSettings
+
+    @property
+    def dataset(self) -> Path:
+        return self.data if self.data is not None else self.output_dir / "data"
+
+    def path(self, name: str) -> Path:
+        return self.output_dir / name
+
+    def caption_column(self) -> str:
+        from medaug.data import DatasetFolder
+
+        return "text" if DatasetFolder(self.dataset).has_column("text") else "label"
+
+    def common_flags(self) -> list:
+        flags = ["--train_data_dir", self.dataset, "--resolution", self.settings.resolution, "--report_to", "none",
+                 "--seed", self.settings.seed, "--cache_dir", self.path("cache")]
+        if self.settings.max_train_images:
+            flags += ["--max_train_samples", self.settings.max_train_images]
+        return flags
+
+
+def stage_data(demo: Demo) -> dict:
+    from medaug.data import DatasetFolder, make_phantom_dataset
+
+    if demo.data is None:
+        shutil.rmtree(demo.dataset, ignore_errors=True)
+        make_phantom_dataset(demo.dataset, num_images=demo.settings.phantom_images,
+                             size=demo.settings.phantom_size, seed=demo.settings.seed)
+    folder = DatasetFolder(demo.dataset)
+    result = folder.check()
+    if result.problems:
+        raise DemoError(f"--data: {demo.dataset} has {len(result.problems)} problem(s), first: "
+                        f"{result.problems[0]}; run `medaug inspect {demo.dataset}` for all of them")
+    if not folder.has_column("mask_file_name"):
+        raise DemoError(f"--data: {demo.dataset} has no mask_file_name column; the demo generates images for "
+                        "masks and trains a segmentation model on them")
+    splits = {split: len(folder.indices(split)) for split in ("train", "val", "test")}
+    if not splits["train"] or not splits["test"]:
+        raise DemoError(f"--data: {demo.dataset} needs train and test rows, has {splits}")
+    return {"dataset": str(demo.dataset), "phantom": demo.data is None, "splits": splits}
+
+
+def stage_base(demo: Demo) -> dict:
+    from medaug.data import DatasetFolder
+    from medaug.models import init_model
+
+    folder = DatasetFolder(demo.dataset)
+    column = demo.caption_column()
+    prompts = sorted({folder.value(i, column) for i in range(len(folder))})
+    base = demo.path("base")
+    shutil.rmtree(base, ignore_errors=True)
+    init_model(base, preset=demo.settings.preset, prompts=prompts, seed=demo.settings.seed)
+    return {"base": str(base), "model": json.loads((base / "medaug_model.json").read_text())}
+
+
+def stage_vae(demo: Demo) -> dict:
+    settings = demo.settings
+    arguments = ["--pretrained_model_name_or_path", demo.path("base"), "--train_data_dir", demo.dataset,
+                 "--resolution", settings.resolution, "--max_train_steps", settings.vae_steps,
+                 "--train_batch_size", settings.train_batch_size, "--seed", settings.seed,
+                 "--checkpointing_steps", 50, "--max_eval_images", 32]
+    checkpoints = demo.path("base") / "vae_checkpoints"
+    if any(checkpoints.glob("checkpoint-*")):
+        arguments += ["--resume_from_checkpoint", "latest"]
+    report = run_script("train_vae", arguments)
+    return {key: report[key] for key in ("steps", "before_training", "after_training", "test_images")}
+
+
+def _training_summary(summary: dict) -> dict:
+    losses = summary["losses"]
+    window = max(1, len(losses) // 10)
+    return {"steps": summary["global_step"], "steps_per_second": summary["steps_per_second"],
+            "loss_first": sum(losses[:window]) / window if losses else None,
+            "loss_last": sum(losses[-window:]) / window if losses else None, "output_dir": summary["output_dir"]}
+
+
+def stage_finetune(demo: Demo) -> dict:
+    settings, output_dir = demo.settings, demo.path("finetune")
+    arguments = ["--pretrained_model_name_or_path", demo.path("base"), *demo.common_flags(),
+                 "--output_dir", output_dir, "--conditioning", "text", "--caption_column", demo.caption_column(),
+                 "--train_mode", "full", "--learning_rate", 3e-4, "--max_train_steps", settings.finetune_steps,
+                 "--train_batch_size", settings.train_batch_size, "--checkpointing_steps", 100,
+                 "--checkpoints_total_limit", 1, "--validation_steps", settings.finetune_steps,
+                 "--validation_inference_steps", settings.inference_steps, *resume_flag(output_dir)]
+    return _training_summary(run_script("finetune", arguments))
+
+
+def stage_controlnet(demo: Demo) -> dict:
+    settings, output_dir = demo.settings, demo.path("controlnet")
+    arguments = ["--lora_dir", demo.path("finetune"), *demo.common_flags(), "--output_dir", output_dir,
+                 "--edge_method", settings.edge_method, "--controlnet_train_mode", "full", "--learning_rate", 3e-4,
+                 "--max_train_steps", settings.controlnet_steps, "--train_batch_size", settings.train_batch_size,
+                 "--checkpointing_steps", 100, "--checkpoints_total_limit", 1,
+                 "--validation_steps", settings.controlnet_steps, "--validation_inference_steps",
+                 settings.inference_steps, *resume_flag(output_dir)]
+    return _training_summary(run_script("train_controlnet", arguments))
+
+
+def stage_generate(demo: Demo) -> dict:
+    from medaug.generate import generate
+
+    settings = demo.settings
+    summary = generate(demo.path("controlnet"), demo.path("synthetic"), from_masks=demo.dataset, split="train",
+                       num_per_source=settings.num_per_source, num_inference_steps=settings.inference_steps,
+                       guidance_scale=settings.guidance_scale, seed=settings.seed, batch_size=8, resume=True,
+                       max_sources=settings.max_train_images)
+    return {key: summary[key] for key in ("written", "skipped", "total", "seconds", "images_per_second")}
+
+
+def stage_evaluate(demo: Demo) -> dict:
+    from medaug.metrics.encoder import load_training_images, train_encoder
+    from medaug.metrics.evaluate import evaluate
+    from medaug.metrics.features import build_extractor
+    from medaug.metrics.imagesets import open_image_set
+
+    settings = demo.settings
+    encoder_dir = demo.path("encoder")
+    images = load_training_images(demo.dataset, "train", 1, settings.seg_resolution, "pad", None)
+    train_encoder(images, encoder_dir, max_train_steps=settings.encoder_steps, train_batch_size=32,
+                  seed=settings.seed)
+    extractor = build_extractor("encoder", encoder_dir=encoder_dir)
+    real = open_image_set(demo.dataset, "train", "--real")
+    synthetic = open_image_set(demo.path("synthetic"), None, "--synthetic")
+    results = evaluate(real, synthetic, extractor, demo.path("evaluate"), kid_subsets=20, diversity_pairs=50,
+                       seed=settings.seed)
+    metrics = results["features"]["metrics"]
+    return {"metrics": {key: metrics[key] for key in ("frechet_distance", "kid_mean", "kid_std", "precision",
+                                                      "recall", "density", "coverage")},
+            "diversity": {name: results["diversity"][name]["ms_ssim_mean"] for name in ("real", "synthetic")},
+            "near_copies": results["memorisation"]["flagged_count"], "synthetic_images": results["synthetic"]["images"],
+            "report": str(demo.path("evaluate") / "report.html")}
+
+
+def stage_segmentation(demo: Demo) -> dict:
+    from medaug.segmentation.study import run_study
+
+    settings = demo.settings
+    summary = run_study("seg", demo.dataset, demo.path("segmentation"), synthetic_dirs=[demo.path("synthetic")],
+                        resolution=settings.seg_resolution, epochs=settings.seg_epochs, seeds=settings.seg_seeds,
+                        synthetic_ratios=(1.0,), arms=("real", "real+synthetic"), gradcam_images=0)
+    return {"groups": summary["groups"], "primary_metric": summary["primary_metric"], "notes": summary["notes"],
+            "results": str(demo.path("segmentation") / "results.md")}
+
+
+STAGES: dict[str, tuple[str, Callable[[Demo], dict]]] = {
+    "data": ("dataset", stage_data),
+    "base": ("base model (init-model)", stage_base),
+    "vae": ("train the VAE", stage_vae),
+    "finetune": ("fine-tune on label prompts", stage_finetune),
+    "controlnet": ("train a ControlNet on mask edges", stage_controlnet),
+    "generate": ("generate images with masks", stage_generate),
+    "evaluate": ("quality metrics", stage_evaluate),
+    "segmentation": ("segmentation: real vs real+synthetic", stage_segmentation),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------------------
+
+def open_demo_folder(output_dir: Path, data: Path | None, settings: DemoSettings, overwrite: bool) -> None:
+    """Refuse a folder holding another demo (other data or settings) unless `overwrite`."""
+    record = {"data": str(data.resolve()) if data else None, "settings": asdict(settings)}
+    path = output_dir / "demo.json"
+    if path.is_file() and not overwrite:
+        previous = json.loads(path.read_text())
+        if previous != record:
+            changed = sorted(key for key in record["settings"] if previous["settings"].get(key)
+                             != record["settings"][key]) or ["data"]
+            raise DemoError(f"--output_dir: {output_dir} holds a demo run with other settings ({', '.join(changed)});"
+                            " choose another folder or pass --overwrite")
+    elif output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise DemoError(f"--output_dir: {output_dir} is not empty and holds no demo; choose another folder")
+    if overwrite and output_dir.exists():
+        shutil.rmtree(output_dir)
+    (output_dir / STAGE_FOLDER).mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def run_demo(output_dir: str | Path, data: str | Path | None = None, settings: DemoSettings | None = None,
+             overwrite: bool = False, on_stage: Callable[[int, int, str, bool], None] | None = None) -> Path:
+    """Run every unfinished stage, then write `OUT/report.html`; return its path."""
+    from medaug.demo_report import write_demo_report
+
+    settings = settings or DemoSettings()
+    output_dir = Path(output_dir)
+    data = Path(data) if data is not None else None
+    if data is not None and not (data / "metadata.csv").is_file() and not (data / "metadata.jsonl").is_file():
+        raise DemoError(f"--data: {data} is not a dataset folder (no metadata.csv or metadata.jsonl)")
+    find_train_scripts()
+    open_demo_folder(output_dir, data, settings, overwrite)
+    demo = Demo(output_dir, data, settings)
+    records = {}
+    for number, (name, (title, stage)) in enumerate(STAGES.items(), start=1):
+        record_path = output_dir / STAGE_FOLDER / f"{name}.json"
+        done = record_path.is_file()
+        if on_stage is not None:
+            on_stage(number, len(STAGES), title, done)
+        if done:
+            records[name] = json.loads(record_path.read_text())
+            continue
+        started = time.perf_counter()
+        result = stage(demo)
+        records[name] = {"title": title, "seconds": time.perf_counter() - started, "result": result}
+        partial = record_path.with_suffix(".partial")
+        partial.write_text(json.dumps(records[name], indent=2, default=str) + "\n")
+        partial.replace(record_path)
+    return write_demo_report(demo, records)
