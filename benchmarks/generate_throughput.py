@@ -95,8 +95,9 @@ def stock_arm(base: Path, lora: Path, controlnet_dir: Path | None, data: Path, o
     load_seconds = time.perf_counter() - loading
     folder = DatasetFolder(data)
     rows = folder.indices("train")[:images]
-    controls = [Image.fromarray((row_control_image(folder, i, resolution, method="mask_boundary") * 255).astype("uint8"))
-                for i in rows]  # made before timing: medaug's arm also prepares its edges before sampling
+    # Edge maps are made before timing: medaug's arm also prepares its edges before sampling.
+    controls = [Image.fromarray((row_control_image(folder, i, resolution, method="mask_boundary") * 255)
+                                .astype("uint8")) for i in rows]
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     for number, (row, control) in enumerate(zip(rows, controls)):

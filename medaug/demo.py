@@ -31,17 +31,17 @@ class DemoSettings:
     resolution: int = 64
     max_train_images: int | None = None  # use the first N training rows (real data can be large)
     vae_steps: int = 150
-    finetune_steps: int = 300
-    controlnet_steps: int = 200
+    finetune_steps: int = 600
+    controlnet_steps: int = 500
     train_batch_size: int = 8
     edge_method: str = "mask_boundary"
-    num_per_source: int = 1
+    num_per_source: int = 2
     inference_steps: int = 20
     guidance_scale: float = 3.0
     encoder_steps: int = 60
     seg_resolution: int = 64
-    seg_epochs: int = 15
-    seg_seeds: int = 2
+    seg_epochs: int = 30
+    seg_seeds: int = 3
     seed: int = 0
 
     @classmethod

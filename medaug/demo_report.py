@@ -166,7 +166,8 @@ def write_demo_report(demo, records: dict) -> Path:
         "<h2>Stages</h2>" + stage_table(output_dir, records),
         "<h2>Real and generated</h2>" + pairs_html(demo.dataset, output_dir / "synthetic"),
         "<h2>VAE</h2>" + vae_section(records["vae"]["result"]),
-        "<h2>Fine-tuning on label prompts</h2>" + training_section(output_dir, "finetune", records["finetune"]["result"]),
+        "<h2>Fine-tuning on label prompts</h2>" + training_section(output_dir, "finetune",
+                                                                   records["finetune"]["result"]),
         "<h2>ControlNet on mask edges</h2>" + training_section(output_dir, "controlnet",
                                                                records["controlnet"]["result"]),
         f"<h2>Generation</h2><p>{records['generate']['result']['total']} images at "

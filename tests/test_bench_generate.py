@@ -9,7 +9,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-spec = importlib.util.spec_from_file_location("generate_throughput", REPO_ROOT / "benchmarks" / "generate_throughput.py")
+spec = importlib.util.spec_from_file_location("generate_throughput",
+                                              REPO_ROOT / "benchmarks" / "generate_throughput.py")
 generate_throughput = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(generate_throughput)
 

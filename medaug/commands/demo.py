@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from medaug.console import console, fail
+from medaug.demo import DemoSettings
 
 
 def demo_command(
@@ -19,17 +20,20 @@ def demo_command(
         "medaug-demo"),
     max_train_images: Annotated[Optional[int], typer.Option(
         "--max_train_images", min=2, help="Use the first N training rows (keeps real data quick).")] = None,
-    resolution: Annotated[int, typer.Option("--resolution", help="Diffusion training and generation size.")] = 64,
-    finetune_steps: Annotated[int, typer.Option("--finetune_steps", min=1)] = 300,
-    controlnet_steps: Annotated[int, typer.Option("--controlnet_steps", min=1)] = 200,
-    seg_epochs: Annotated[int, typer.Option("--seg_epochs", min=1, help="Epochs of each segmentation run.")] = 15,
-    seg_seeds: Annotated[int, typer.Option("--seg_seeds", min=2, help="Seeds per arm of the study.")] = 2,
+    resolution: Annotated[int, typer.Option("--resolution", help="Diffusion training and generation size.")] = (
+        DemoSettings.resolution),
+    finetune_steps: Annotated[int, typer.Option("--finetune_steps", min=1)] = DemoSettings.finetune_steps,
+    controlnet_steps: Annotated[int, typer.Option("--controlnet_steps", min=1)] = DemoSettings.controlnet_steps,
+    seg_epochs: Annotated[int, typer.Option("--seg_epochs", min=1, help="Epochs of each segmentation run.")] = (
+        DemoSettings.seg_epochs),
+    seg_seeds: Annotated[int, typer.Option("--seg_seeds", min=2, help="Seeds per arm of the study.")] = (
+        DemoSettings.seg_seeds),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again in an --output_dir that holds a "
                                             "demo with other settings.")] = False,
 ) -> None:
     """Show the whole idea on one dataset: base model, VAE, fine-tuning, ControlNet, generation with masks,
     quality metrics and a segmentation study real vs real+synthetic, all in OUT/report.html."""
-    from medaug.demo import DemoError, DemoSettings, run_demo
+    from medaug.demo import DemoError, run_demo
 
     settings = DemoSettings(max_train_images=max_train_images, resolution=resolution, finetune_steps=finetune_steps,
                             controlnet_steps=controlnet_steps, seg_epochs=seg_epochs, seg_seeds=seg_seeds)
