@@ -99,7 +99,7 @@ def _latest_image(folder: Path) -> str:
 
 
 def stage_table(output_dir: Path, records: dict) -> str:
-    folders = {"data": "data", "base": "base", "finetune": "finetune", "controlnet": "controlnet",
+    folders = {"data": "data", "base": "base", "vae": "base/vae", "finetune": "finetune", "controlnet": "controlnet",
                "generate": "synthetic", "evaluate": "evaluate", "segmentation": "segmentation"}
     rows = []
     total = 0.0

@@ -40,7 +40,7 @@ def test_every_stage_runs_and_leaves_its_outputs(demo):
     records = {name: json.loads((output_dir / "stages" / f"{name}.json").read_text()) for name in STAGES}
     train_rows = records["data"]["result"]["splits"]["train"]
     assert records["generate"]["result"]["total"] == train_rows * TINY.num_per_source
-    assert len(list((output_dir / "synthetic" / "masks").glob("*.png"))) == train_rows
+    assert len(list((output_dir / "synthetic" / "masks").glob("*.png"))) == train_rows * TINY.num_per_source
     arms = {group["arm"] for group in records["segmentation"]["result"]["groups"]}
     assert arms == {"real", "real+synthetic"}
     assert np.isfinite(records["evaluate"]["result"]["metrics"]["frechet_distance"])
