@@ -216,18 +216,9 @@ def _prepare_output(dataset_root: Path, output_dir: Path, overwrite: bool) -> No
 
 
 def _check_masks(folder, rows: list[int], method: str) -> None:
-    from medaug.data import DatasetError, Problem
-
-    if method not in MASK_METHODS:
-        return
-    if not folder.has_column("mask_file_name"):
-        raise DatasetError(folder.metadata_path, [Problem(f"edge method '{method}' needs masks; the column is "
-                                                          "missing", column="mask_file_name")])
-    problems = [Problem(f"edge method '{method}' needs a mask; this row has none", row=i + 1,
-                        column="mask_file_name", file=folder.value(i, "file_name"))
-                for i in rows if not folder.value(i, "mask_file_name")]
-    if problems:
-        raise DatasetError(folder.metadata_path, problems)
+    if method in MASK_METHODS:
+        folder.require_filled("mask_file_name", rows, f"edge method '{method}' needs masks; the column is missing",
+                              f"edge method '{method}' needs a mask; this row has none")
 
 
 def _atomic_copy(source: Path, target: Path) -> None:

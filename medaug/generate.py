@@ -204,20 +204,21 @@ def _batch_inputs(plan: Plan, batch: list[Job]) -> tuple[dict, list[str], list[s
         arguments["embeddings"] = np.stack(values)
         parts = [[np.ascontiguousarray(value, dtype=np.float32).tobytes()] for value in values]
     if plan.controlnet:
-        controls = [source.control_image(plan.settings["resolution"], plan.settings["fit"]) for source in sources]
-        arguments["control_image"] = [np.round(control * 255.0) / 255.0 for control in controls]
+        # A source's num_per_source jobs share one edge map: make it once per batch, not once per image.
+        made = {job.source: plan.sources[job.source].control_image(plan.settings["resolution"], plan.settings["fit"])
+                for job in batch}
+        arguments["control_image"] = [np.round(made[job.source] * 255.0) / 255.0 for job in batch]
         for part, control in zip(parts, arguments["control_image"]):
             part.append(np.round(control * 255.0).astype(np.uint8).tobytes())
     hashes = [_condition_hash(part) if part else "" for part in parts]
     return arguments, prompts, hashes
 
 
-def _write_job(output_dir: Path, plan: Plan, job: Job, image: np.ndarray, prompt: str, condition_hash: str,
-               process_index: int) -> None:
+def _write_job(output_dir: Path, plan: Plan, job: Job, image: np.ndarray, mask: np.ndarray | None, prompt: str,
+               condition_hash: str, process_index: int) -> None:
     """Mask, then image, each renamed into place; the manifest line last, so it means the job is done."""
     source = plan.sources[job.source]
     if job.mask_file_name:
-        mask = source.fitted_mask(plan.settings["resolution"], plan.settings["fit"])
         write_array_png(mask.astype(np.uint8) * 255, output_dir / job.mask_file_name)
     if plan.settings["channels"] == 1:
         image = to_channels(image, 1)[:, :, 0]
@@ -311,8 +312,11 @@ def generate(model_dir: str | Path, output_dir: str | Path, edges: str | Path | 
                           generator=generators, height=plan.settings["resolution"],
                           width=plan.settings["resolution"], output_type="np", **extra).images
         todo = [item for item in zip(batch, images, prompts, hashes) if item[0].file_name not in done]
+        masks = {job.source: plan.sources[job.source].fitted_mask(plan.settings["resolution"], plan.settings["fit"])
+                 for job, *_ in todo if job.mask_file_name}  # read once per source and batch
         for job, image, text, condition_hash in todo:
-            _write_job(output_dir, plan, job, image, text, condition_hash, state.process_index)
+            _write_job(output_dir, plan, job, image, masks.get(job.source), text, condition_hash,
+                       state.process_index)
         if progress is not None:
             progress(len(todo))
     state.wait_for_everyone()

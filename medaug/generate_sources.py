@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medaug.data import DatasetError, DatasetFolder, Problem
+from medaug.data import DatasetError, DatasetFolder
 
 EDGE_COLUMN = "conditioning_image_file_name"
 
@@ -107,12 +107,11 @@ def _edge_method(run: dict, flag: str, controlnet: bool) -> str | None:
 
 
 def _require_column(folder: DatasetFolder, rows: list[int], column: str, flag: str) -> None:
-    if not folder.has_column(column):
-        raise ValueError(f"{flag} {folder.metadata_path}: column '{column}' is missing; {flag} needs it")
-    missing = [Problem(f"{flag} needs this row's {column}; it is empty", row=i + 1, column=column,
-                       file=folder.value(i, "file_name")) for i in rows if not folder.value(i, column)]
-    if missing:
-        raise ValueError(f"{flag} {DatasetError(folder.metadata_path, missing)}")
+    try:
+        folder.require_filled(column, rows, f"the column is missing; {flag} needs it",
+                              f"{flag} needs this row's {column}; it is empty")
+    except DatasetError as error:
+        raise ValueError(f"{flag} {error}") from error
 
 
 def _set_conditions(run: dict, sources: list[Source], folder: DatasetFolder, rows: list[int], prompt, flag) -> None:

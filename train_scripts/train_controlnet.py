@@ -234,21 +234,13 @@ def control_images(args, folder, rows: list[int], resolution: int, progress: boo
 
 def check_edge_source(args, folder, rows: list[int]) -> None:
     """Every row has what its edge maps are made from, or the run stops naming the rows."""
-    from medaug.data import Problem
-
     if args.edge_method is None:
         column, reason = args.conditioning_image_column, "has no edge map; pass --edge_method to make them"
     elif args.edge_method in MASK_METHODS:
         column, reason = "mask_file_name", f"has no mask; --edge_method {args.edge_method} needs one"
     else:
         return
-    if not folder.has_column(column):
-        raise DatasetError(folder.metadata_path, [Problem(f"column missing; {reason.split('; ')[1]}",
-                                                          column=column)])
-    problems = [Problem(f"row {reason}", row=i + 1, column=column, file=folder.value(i, "file_name"))
-                for i in rows if not folder.value(i, column)]
-    if problems:
-        raise DatasetError(folder.metadata_path, problems)
+    folder.require_filled(column, rows, f"column missing; {reason.split('; ')[1]}", f"row {reason}")
 
 
 def batch_control(args, control, folder, rows, indices, resolution, device, dtype) -> torch.Tensor:

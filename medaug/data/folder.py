@@ -124,6 +124,16 @@ class DatasetFolder:
             return ""
         return str(self.table.at[index, column]).strip()
 
+    def require_filled(self, column: str, rows: list[int], missing_column: str, empty_row: str) -> None:
+        """Raise DatasetError unless `column` exists and is filled in every row of `rows`; `missing_column` and
+        `empty_row` say why the caller needs it."""
+        if not self.has_column(column):
+            raise DatasetError(self.metadata_path, [Problem(missing_column, column=column)])
+        problems = [Problem(empty_row, row=i + 1, column=column, file=self.value(i, "file_name"))
+                    for i in rows if not self.value(i, column)]
+        if problems:
+            raise DatasetError(self.metadata_path, problems)
+
     def split(self, index: int) -> str:
         """The row's split; a table without a `split` column is all training data."""
         return self.value(index, "split").lower() if self.has_column("split") else "train"
