@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console()
@@ -11,8 +12,11 @@ errors = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print `error: message` on stderr and leave with `code` (2: bad flags or input)."""
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print `error: message` on stderr and leave with `code` (2: bad flags or input).
+
+    The message is escaped: file names and advice such as `pip install 'medaug[parquet]'` hold brackets that
+    Rich would otherwise read as markup and drop."""
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=code)
 
 

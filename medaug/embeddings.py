@@ -76,6 +76,12 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 def _load_parquet(path: Path, key_column: str, value_column: str) -> dict[str, np.ndarray]:
     import pandas as pd
 
+    try:
+        import pyarrow  # noqa: F401  (pandas reads parquet through it)
+    except ImportError:
+        raise EmbeddingError(f"{path}: reading parquet needs pyarrow, which is not installed; "
+                             "install it with `pip install 'medaug[parquet]'`, or convert the file to "
+                             ".safetensors or .npz") from None
     table = pd.read_parquet(path)
     for column in (key_column, value_column):
         if column not in table.columns:

@@ -15,6 +15,7 @@ import torch
 
 from medaug.data import DatasetError
 from medaug.training.checkpoint import CheckpointError
+from medaug.training.loss_log import LOSS_HISTORY, read_loss_history
 from tests.conftest import REPO_ROOT, shared_dataset
 
 sys.path.insert(0, str(REPO_ROOT / "train_scripts"))
@@ -168,6 +169,9 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, phantom_dir, tmp_p
     second = run(phantom_dir, tmp_path / "split", tmp_path / "cache", *flags, "--resume_from_checkpoint", "latest",
                  steps=4)
     np.testing.assert_allclose(first["losses"] + second["losses"], whole["losses"], rtol=1e-4)
+    history = read_loss_history(tmp_path / "split" / LOSS_HISTORY)
+    assert [line["step"] for line in history] == [1, 2, 3, 4]
+    np.testing.assert_allclose([line["loss"] for line in history], whole["losses"], rtol=1e-4)
     with pytest.raises(CheckpointError, match="edge_method: checkpoint has 'mask_boundary', this run has 'fused'"):
         run(phantom_dir, tmp_path / "split", tmp_path / "cache", *flags[:2], "--edge_method", "fused",
             *flags[4:], "--resume_from_checkpoint", "latest", steps=6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,3 +91,13 @@ def test_bad_imports_are_named(phantom_dir, tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
     with pytest.raises(EmbeddingError, match="cannot be shaped"):
         load_embeddings(tmp_path / "a.parquet", shape=(3,))
+
+
+def test_parquet_without_pyarrow_names_the_extra(phantom_dir, tmp_path, monkeypatch):
+    names = file_names(phantom_dir)
+    pd.DataFrame({"file_name": names, "embedding": [[0.0] * 4] * len(names)}).to_parquet(tmp_path / "a.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed: importing it fails
+    result, output = invoke(phantom_dir, "--import_file", tmp_path / "a.parquet",
+                            "--output", tmp_path / "o.safetensors")
+    assert result.exit_code == 2 and "pip install 'medaug[parquet]'" in output and "a.parquet" in output
+    assert not (tmp_path / "o.safetensors").exists()

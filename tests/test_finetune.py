@@ -14,6 +14,7 @@ from medaug.data import DatasetError
 from medaug.embeddings import EmbeddingError, save_embeddings
 from medaug.finetuned import load_finetuned
 from medaug.training.checkpoint import CheckpointError
+from medaug.training.loss_log import LOSS_HISTORY, read_loss_history
 from tests.conftest import REPO_ROOT, shared_dataset
 
 spec = importlib.util.spec_from_file_location("finetune", REPO_ROOT / "train_scripts" / "finetune.py")
@@ -125,6 +126,29 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, phantom_dir, tmp_p
                  "--resume_from_checkpoint", "latest", steps=6)
     assert len(second["losses"]) == 3
     np.testing.assert_allclose(first["losses"] + second["losses"], whole["losses"], rtol=1e-4)
+    history = read_loss_history(tmp_path / "split" / LOSS_HISTORY)  # one line per step, none repeated
+    assert [line["step"] for line in history] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([line["loss"] for line in history], whole["losses"], rtol=1e-4)
+
+
+def test_default_run_writes_tensorboard_events_and_the_loss_history(tiny_model_dir, phantom_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    args = finetune.parse_args(["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
+                                str(phantom_dir), "--output_dir", str(output_dir), "--cache_dir",
+                                str(tmp_path / "cache"), "--max_train_steps", "3", "--train_batch_size", "2"])
+    assert args.report_to == "tensorboard"
+    summary = finetune.main(args)
+    history = read_loss_history(output_dir / LOSS_HISTORY)
+    assert [line["step"] for line in history] == [1, 2, 3]
+    np.testing.assert_allclose([line["loss"] for line in history], summary["losses"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((output_dir / "logs").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file under logs/"
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    logged = [event.value for event in accumulator.Scalars("train_loss")]
+    np.testing.assert_allclose(logged, summary["losses"], rtol=1e-6)
 
 
 def test_cache_is_reused_and_invalidated_by_resolution(tiny_model_dir, phantom_dir, tmp_path):

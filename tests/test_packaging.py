@@ -49,3 +49,46 @@ def test_wheel_declares_the_medaug_command(wheel, wheel_names):
     (entry_points,) = [name for name in wheel_names if name.endswith(".dist-info/entry_points.txt")]
     text = wheel.read(entry_points).decode()
     assert "[console_scripts]" in text and "medaug = medaug.cli:app" in text
+
+
+def imported_top_level_modules() -> dict[str, str]:
+    """{module: a file importing it} for every absolute import in the installed code and the training scripts."""
+    import ast
+
+    found = {}
+    for folder in ("medaug", "pipelines", "segmentation", "train_scripts"):
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for name in names:
+                    found.setdefault(name.split(".")[0], str(path.relative_to(REPO_ROOT)))
+    return found
+
+
+def declared_requirements(wheel, wheel_names) -> set[str]:
+    import re
+
+    (metadata,) = [name for name in wheel_names if name.endswith(".dist-info/METADATA")]
+    lines = wheel.read(metadata).decode().splitlines()
+    return {re.split(r"[ <>=!;\[(~]", line.split(":", 1)[1].strip())[0].lower().replace("_", "-")
+            for line in lines if line.startswith("Requires-Dist:")}
+
+
+def test_every_imported_package_is_declared(wheel, wheel_names):
+    """A module the code imports comes from a distribution the wheel requires (directly or as an extra)."""
+    from importlib.metadata import packages_distributions
+
+    own = {"medaug", "pipelines", "segmentation", "tests", "finetune"}
+    distributions = packages_distributions()
+    declared = declared_requirements(wheel, wheel_names)
+    undeclared = {}
+    for module, where in imported_top_level_modules().items():
+        if module in sys.stdlib_module_names or module in own:
+            continue
+        # A module of no installed distribution (xformers here) must be a declared name itself.
+        names = {name.lower().replace("_", "-") for name in distributions.get(module, [module])}
+        if not names & declared:
+            undeclared[module] = where
+    assert undeclared == {}, f"imported but not declared in pyproject.toml: {undeclared}"
+    assert {"timm", "tensorboard", "pyarrow", "transformers", "peft"} <= declared

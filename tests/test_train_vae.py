@@ -6,9 +6,11 @@ import importlib.util
 import json
 import shutil
 
+import numpy as np
 import pytest
 from diffusers import AutoencoderKL
 
+from medaug.training.loss_log import read_loss_history
 from tests.conftest import REPO_ROOT
 
 
@@ -39,6 +41,9 @@ def test_vae_learns_and_is_written_back_with_its_scaling_factor(base_copy, phant
     assert after["ssim"]["mean"] > before["ssim"]["mean"]
     saved = json.loads((base_copy / "vae" / "vae_eval.json").read_text())
     assert saved["after_training"] == after
+    history = read_loss_history(saved["loss_history"])
+    assert [line["step"] for line in history] == list(range(1, 16))
+    np.testing.assert_allclose([line["loss"] for line in history], report["losses"])
     vae = AutoencoderKL.from_pretrained(base_copy, subfolder="vae")
     assert vae.config.scaling_factor == pytest.approx(report["scaling_factor"]) and vae.config.scaling_factor != 1.0
 

@@ -37,6 +37,7 @@ from medaug.training.checkpoint import (CheckpointError, load_checkpoint, prune_
                                         save_checkpoint)
 from medaug.training.data_order import EpochPermutationSampler, step_generator
 from medaug.training.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
+from medaug.training.loss_log import LOSS_HISTORY, LossHistory
 from medaug.training.validation import sample_images, save_grid
 
 logger = logging.getLogger("medaug.finetune")
@@ -477,6 +478,7 @@ def main(args: argparse.Namespace) -> dict:
     # 6. Train.
     scaling_factor = vae.config.scaling_factor
     losses = []
+    history = LossHistory(output_dir / LOSS_HISTORY, global_step, enabled=accelerator.is_main_process)
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     micro_step = global_step * args.gradient_accumulation_steps
@@ -510,6 +512,7 @@ def main(args: argparse.Namespace) -> dict:
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}")
             accelerator.log({"train_loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+            history.log(global_step, loss=step_loss, lr=lr_scheduler.get_last_lr()[0])
             if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
                 save_checkpoint(output_dir / f"checkpoint-{global_step}", global_step,
                                 {k: accelerator.unwrap_model(m) for k, m in trainable.items()},

@@ -28,6 +28,7 @@ from medaug.data import DatasetError, DatasetFolder, MedicalImageDataset
 from medaug.training.checkpoint import (CheckpointError, load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
 from medaug.training.data_order import EpochPermutationSampler, step_generator
+from medaug.training.loss_log import LOSS_HISTORY, LossHistory
 
 logger = logging.getLogger("medaug.train_vae")
 
@@ -135,6 +136,7 @@ def main(args: argparse.Namespace) -> dict:
     # 3. Train.
     ssim_loss = SSIMLoss(spatial_dims=2, data_range=1.0)
     losses = []
+    history = LossHistory(checkpoint_dir / LOSS_HISTORY, global_step)
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="vae steps")
     while global_step < args.max_train_steps:
         epoch, done = divmod(global_step, len(loader))
@@ -152,6 +154,7 @@ def main(args: argparse.Namespace) -> dict:
             lr_scheduler.step()
             global_step += 1
             losses.append(loss.item())
+            history.log(global_step, loss=loss.item())
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}")
             if global_step % args.checkpointing_steps == 0:
@@ -169,7 +172,8 @@ def main(args: argparse.Namespace) -> dict:
     after = evaluate(vae, test)
     vae.save_pretrained(output_dir, safe_serialization=True)
     report = {"resolution": resolution, "steps": global_step, "scaling_factor": vae.config.scaling_factor,
-              "test_images": after["psnr"]["n"], "before_training": before, "after_training": after}
+              "test_images": after["psnr"]["n"], "before_training": before, "after_training": after,
+              "loss_history": str(history.path)}
     (output_dir / "vae_eval.json").write_text(json.dumps(report, indent=2) + "\n")
     logger.info("test reconstruction: PSNR %.2f -> %.2f dB, SSIM %.3f -> %.3f (n=%d); VAE written to %s",
                 before["psnr"]["mean"], after["psnr"]["mean"], before["ssim"]["mean"], after["ssim"]["mean"],
