@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from medaug.data import fit_square
+from medaug.files import write_text_atomic
 
 MAX_PAIRS_SHOWN = 24
 
@@ -178,8 +179,5 @@ def write_report(path: str | Path, results: dict, real, synthetic, channels: int
                  grid_images: int = 16, thumbnail_size: int = 128, seed: int = 0) -> Path:
     """Write the report to a temporary name, then rename, so a reader never sees half a file."""
     path = Path(path)
-    text = render_report(results, real, synthetic, channels, pca_png, grid_images, thumbnail_size, seed)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
-    return path
+    return write_text_atomic(path, render_report(results, real, synthetic, channels, pca_png, grid_images,
+                                                 thumbnail_size, seed))

@@ -17,6 +17,7 @@ import numpy as np
 
 from medaug.data import MANIFEST_NAME, read_manifest
 from medaug.data.manifest import drop_torn_line
+from medaug.files import partial_path, write_text_atomic
 
 ARGS_NAME = "generate_args.json"
 OUTPUT_ENTRIES = ("images", "masks", "metadata.csv", MANIFEST_NAME, ARGS_NAME)
@@ -80,7 +81,7 @@ def prepare_output_folder(output_dir: Path, settings: dict, overwrite: bool, mas
         for stray in folder.glob(f".*{PARTIAL_SUFFIX}") if folder.is_dir() else ():
             stray.unlink()
     drop_torn_line(output_dir)
-    _replace_text(output_dir / ARGS_NAME, json.dumps(settings, indent=2) + "\n")
+    write_text_atomic(output_dir / ARGS_NAME, json.dumps(settings, indent=2) + "\n")
 
 
 def finished_files(output_dir: Path) -> set[str]:
@@ -90,21 +91,11 @@ def finished_files(output_dir: Path) -> set[str]:
             and (not entry.mask_file_name or (output_dir / entry.mask_file_name).is_file())}
 
 
-def _partial(target: Path) -> Path:
-    return target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
-
-
-def _replace_text(target: Path, text: str) -> None:
-    partial = _partial(target)
-    partial.write_text(text)
-    os.replace(partial, target)
-
-
 def write_array_png(array: np.ndarray, target: Path) -> None:
     """A uint8 (H, W) or (H, W, 3) array as PNG, written under a temporary name and renamed into place."""
     from PIL import Image
 
-    partial = _partial(target)
+    partial = partial_path(target)
     Image.fromarray(array).save(partial, format="PNG")
     os.replace(partial, target)
 
@@ -121,5 +112,5 @@ def write_metadata(output_dir: Path) -> Path:
     table = pd.DataFrame(rows, columns=["file_name", "mask_file_name", "text", "label", "split"])
     table = table[[column for column in table.columns
                    if column in ("file_name", "split") or table[column].astype(bool).any()]]
-    _replace_text(output_dir / "metadata.csv", table.to_csv(index=False))
+    write_text_atomic(output_dir / "metadata.csv", table.to_csv(index=False))
     return output_dir / "metadata.csv"

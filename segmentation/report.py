@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medaug.files import write_json_atomic
 from medaug.segmentation.metrics import CLASSIFICATION_METRICS, HIGHER_IS_BETTER, SEGMENTATION_METRICS
 from medaug.segmentation.stats import mean_ci, paired_test
-from medaug.segmentation.study import write_json
 
 METRICS = {"seg": SEGMENTATION_METRICS + ("dice_lesion",), "cls": CLASSIFICATION_METRICS}
 PAIRED = {"seg": ("dice", "iou", "hd95"), "cls": ("prob_true", "correct")}
@@ -44,7 +44,7 @@ def write_report(output_dir: str | Path, settings: dict, data, results: list[dic
         "notes": list(dict.fromkeys(notes)),
     }
     summary["plots"] = [path.name for path in plot_results(output_dir, summary)]
-    write_json(output_dir / "results.json", summary)
+    write_json_atomic(output_dir / "results.json", summary)
     (output_dir / "results.md").write_text(markdown_report(summary))
     return summary
 

@@ -17,8 +17,6 @@ only trains what is new. Settings that change what a run means (data, network, e
 from __future__ import annotations
 
 import json
-import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from medaug.data import FIT_MODES
+from medaug.files import write_json_atomic
 from medaug.segmentation.inputs import StudyData, StudyError, load_study_data
 from medaug.segmentation.networks import DEFAULT_NETWORK, check_resolution, network_spec
 
@@ -225,7 +224,7 @@ def _open_output(output_dir: Path, settings: dict, runs: list[Run]) -> None:
             raise StudyError(f"--output_dir {output_dir}: holds a study with other settings: {'; '.join(changed)}. "
                              "Its finished runs would not compare; choose a new --output_dir")
     (output_dir / "runs").mkdir(parents=True, exist_ok=True)
-    write_json(path, {"settings": settings, "runs": [r.run_id for r in runs]})
+    write_json_atomic(path, {"settings": settings, "runs": [r.run_id for r in runs]})
 
 
 def load_run_result(output_dir: Path, run: Run) -> dict | None:
@@ -260,7 +259,7 @@ def _train_run(data: StudyData, run: Run, settings: dict, output_dir: Path, devi
     requested = len(data.synthetic) if run.arm == "synthetic" else round(run.ratio * len(real))
     result = {"run_id": run.run_id, **asdict(run), "n_train_real": len(real), "n_train_synthetic": len(synthetic),
               "n_train_synthetic_requested": requested, **outcome}
-    write_json(run_dir / "result.json", result)
+    write_json_atomic(run_dir / "result.json", result)
     return result
 
 
@@ -273,24 +272,3 @@ def _epoch_reporter(on_progress, number: int, total: int, run: Run, epochs: int)
         on_progress(number + epoch / epochs, total, description)
 
     return report
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write JSON through a temporary file and a rename, so a killed process never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(_strict(payload), indent=1, allow_nan=False))
-    os.replace(temporary, path)
-
-
-def _strict(value):
-    """Plain JSON: numpy scalars become numbers and NaN or infinity null (readers treat null as NaN)."""
-    if isinstance(value, dict):
-        return {key: _strict(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(item) for item in value]
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

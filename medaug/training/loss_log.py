@@ -8,9 +8,10 @@ lines after the step it resumes from, so the file always describes one run witho
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from medaug.files import write_text_atomic
 
 LOSS_HISTORY = Path("logs") / "losses.jsonl"
 
@@ -44,9 +45,7 @@ class LossHistory:
         self.offset = kept[-1]["seconds"] if kept else 0.0
 
     def _rewrite(self, records: list[dict]) -> None:
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-        os.replace(partial, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in records))
 
     def log(self, step: int, **values: float) -> None:
         if not self.enabled:
