@@ -12,7 +12,6 @@ training loop and the warm/no-cache ratio, and writes the figures as JSON.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import tempfile
@@ -27,10 +26,9 @@ PRESET_RUNS = {"tiny": {"steps": 30, "batch": 4}, "small": {"steps": 10, "batch"
 
 
 def load_finetune():
-    spec = importlib.util.spec_from_file_location("finetune", REPO / "train_scripts" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from medaug.scripts import finetune
+
+    return finetune
 
 
 def run_once(finetune, base, data, work, cache, steps, batch, extra):

@@ -22,10 +22,9 @@ sampling throughput (images/s), which is what grows with the number of images.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,11 +36,7 @@ RESOLUTION = {"tiny": 64, "small": 128}
 
 
 def load_script(name: str):
-    sys.path.insert(0, str(REPO / "train_scripts"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "train_scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"medaug.scripts.{name}")
 
 
 def make_models(work: Path, preset: str, data: Path) -> tuple[Path, Path, Path]:

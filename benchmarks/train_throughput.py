@@ -18,7 +18,6 @@ arms run N times each, alternating which goes first, and medians are reported (a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -141,10 +140,9 @@ def run_baseline_arm(options) -> dict:
 
 
 def load_finetune():
-    spec = importlib.util.spec_from_file_location("finetune", REPO / "train_scripts" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from medaug.scripts import finetune
+
+    return finetune
 
 
 def run_finetune_arm(options) -> dict:

@@ -2,3 +2,13 @@
 and measure on real held-out data whether they help a downstream model."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # diffusers reloads a saved Medaug pipeline's condition encoder as `medaug.ConditionProjection` (its
+    # model_index.json names the library "medaug"); imported on demand so `import medaug` stays light.
+    if name == "ConditionProjection":
+        from medaug.conditioning import ConditionProjection
+
+        return ConditionProjection
+    raise AttributeError(f"module 'medaug' has no attribute '{name}'")

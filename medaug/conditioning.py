@@ -7,9 +7,16 @@ computed once and cached (`cache_sources` names the model files it depends on). 
 unconditional embedding for condition dropout and classifier-free guidance. Text needs no projection: its
 unconditional embedding is the empty prompt's.
 
-Adding a kind is one class here (with `build`, `inputs`, `input_identity`, `features`, `cache_sources`,
-`frozen_modules`, `hidden_states`, `unconditional_embedding`) and one entry in `CONDITION_KINDS`; training
-scripts do not change.
+A condition class also owns what generation needs, so training, `medaug generate`, the pipelines and the run
+loader never ask which kind they hold:
+- `settings`: its options and their defaults (the flags of the same names); the run record keeps them;
+- `argument`: the pipeline keyword its values go by (`prompt`, `reference_image`, `embeddings`);
+- `row_values(folder, rows)`: the values a dataset's rows give the pipeline; `value_features(values)`: what
+  the pipeline does with values a caller passes; `value_text` / `value_bytes`: how a manifest records one;
+- `extra_components(base, settings)`: modules a loaded run needs beyond the base's (the CLIP vision encoder);
+  `from_components(components, settings)` rebuilds the condition from loaded modules.
+
+Adding a kind is one class here (or anywhere) and one entry in `CONDITION_KINDS`; nothing else changes.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+from medaug.condition_inputs import embedding_batch, image_list, shape_text
 
 
 class ConditionProjection(ModelMixin, ConfigMixin):
@@ -60,21 +69,79 @@ class ConditionProjection(ModelMixin, ConfigMixin):
         return self.unconditional.expand(batch, -1, -1)
 
 
-class TextCondition:
+class Condition:
+    """What every kind shares; the defaults suit kinds whose row inputs are what a caller passes too."""
+
+    kind = ""
+    argument = "condition"
+    settings: dict = {}
+    required_components: tuple[str, ...] = ("condition_encoder",)  # what a loaded run must have for this kind
+    required_settings: tuple[str, ...] = ()  # settings with no usable default
+    uses_text_encoder = False  # whether LoRA on the text encoder (--train_text_encoder) changes this condition
+    projection: ConditionProjection | None = None
+    cache_sources: tuple[Path, ...] | None = None
+
+    @classmethod
+    def settings_from(cls, values: dict) -> dict:
+        """This kind's settings, taken from `values` (parsed flags, a run record) where given."""
+        return {name: values[name] if values.get(name) is not None else default
+                for name, default in cls.settings.items()}
+
+    @classmethod
+    def extra_components(cls, base: str, settings: dict) -> dict:
+        return {}
+
+    def row_values(self, folder, rows: list[int]) -> list:
+        return self.inputs(folder, rows)
+
+    def input_identity(self, inputs: list) -> list[str]:
+        return [str(item) for item in inputs]
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return []
+
+    def value_text(self, value) -> str:
+        """The prompt a manifest shows for this value ("" for kinds that are not text)."""
+        return ""
+
+    def value_bytes(self, value) -> bytes | None:
+        """What identifies this value in a manifest's condition hash (None: its text says it all)."""
+        return None
+
+    def describe_values(self) -> str:
+        return f"{self.argument} (what a {self.kind} model takes)"
+
+    def hidden_states(self, features: torch.Tensor) -> torch.Tensor:
+        return self.projection(features)
+
+    def unconditional_embedding(self, batch: int) -> torch.Tensor:
+        return self.projection.unconditional_embedding(batch)
+
+
+class TextCondition(Condition):
     """CLIP text encoder hidden states of a prompt; the empty prompt is the unconditional embedding."""
 
     kind = "text"
+    argument = "prompt"
+    settings = {"caption_column": "text"}
+    required_components = ("tokenizer", "text_encoder")
+    uses_text_encoder = True
 
     def __init__(self, tokenizer, text_encoder, caption_column: str = "text", sources: tuple[Path, ...] = ()):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.caption_column = caption_column
         self.cache_sources = sources
-        self.projection = None
 
     @classmethod
-    def build(cls, base: str, tokenizer, text_encoder, caption_column: str = "text", **_):
-        return cls(tokenizer, text_encoder, caption_column, (Path(base) / "text_encoder", Path(base) / "tokenizer"))
+    def build(cls, base: str, cross_attention_dim: int, tokenizer, text_encoder, settings: dict):
+        return cls(tokenizer, text_encoder, settings["caption_column"],
+                   (Path(base) / "text_encoder", Path(base) / "tokenizer"))
+
+    @classmethod
+    def from_components(cls, components: dict, settings: dict):
+        return cls(components.get("tokenizer"), components.get("text_encoder"),
+                   cls.settings_from(settings)["caption_column"])
 
     def inputs(self, folder, rows: list[int]) -> list[str]:
         """Each row's prompt; a missing column or an empty prompt is refused by name."""
@@ -84,14 +151,9 @@ class TextCondition:
         empty = [i + 1 for i, text in zip(rows, texts) if not text]
         if empty:
             raise ValueError(f"{folder.metadata_path}: column '{self.caption_column}' is empty in {len(empty)} "
-                             f"row(s) (rows {', '.join(map(str, empty[:10]))}); text conditioning needs a prompt")
+                             f"row(s) (rows {', '.join(map(str, empty[:10]))}); fill it, or pass --prompt where "
+                             "generating")
         return texts
-
-    def input_identity(self, inputs: list[str]) -> list[str]:
-        return list(inputs)
-
-    def frozen_modules(self) -> list[nn.Module]:
-        return []  # the text encoder belongs to the base model, which the training script places
 
     def token_ids(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -100,31 +162,48 @@ class TextCondition:
     def features(self, texts: list[str]) -> torch.Tensor:
         return self.text_encoder(self.token_ids(texts).to(self.text_encoder.device))[0]
 
+    def value_features(self, prompt) -> torch.Tensor:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(text, str) for text in prompts):
+            raise ValueError(f"prompt: expected a string or a non-empty list of strings, got {prompt!r}")
+        return self.features(prompts)
+
     def hidden_states(self, features: torch.Tensor) -> torch.Tensor:
         return features
 
     def unconditional_embedding(self, batch: int) -> torch.Tensor:
         return self.features([""]).expand(batch, -1, -1)
 
+    def value_text(self, value) -> str:
+        return value
 
-class ProjectedCondition:
-    """Shared behaviour of conditions whose features pass through a trainable projection."""
-
-    projection: ConditionProjection
-
-    def hidden_states(self, features: torch.Tensor) -> torch.Tensor:
-        return self.projection(features)
-
-    def unconditional_embedding(self, batch: int) -> torch.Tensor:
-        return self.projection.unconditional_embedding(batch)
+    def describe_values(self) -> str:
+        return "prompt (a string or a list of strings)"
 
 
-class ClipImageCondition(ProjectedCondition):
+def _load_image_encoder(base: str, encoder_path: str | None):
+    """(CLIP vision encoder, its processor, the files its features depend on): the given one or the base's."""
+    from medaug.embeddings import load_vision_model
+
+    if encoder_path is None:
+        if Path(base).is_dir() and not (Path(base) / "image_encoder").is_dir():
+            raise ValueError(f"--conditioning clip_image: {base} has no image_encoder/ folder; "
+                             "pass --image_encoder_name_or_path")
+        encoder, processor = load_vision_model(base, subfolder="image_encoder")
+        return encoder, processor, (Path(base) / "image_encoder", Path(base) / "feature_extractor")
+    encoder, processor = load_vision_model(encoder_path)
+    return encoder, processor, (Path(encoder_path),)
+
+
+class ClipImageCondition(Condition):
     """A reference image through the (frozen) CLIP vision encoder, then a trainable projection."""
 
     kind = "clip_image"
+    argument = "reference_image"
+    settings = {"reference_column": "file_name", "image_encoder_name_or_path": None, "condition_tokens": 4}
+    required_components = ("image_encoder", "feature_extractor", "condition_encoder")
 
-    def __init__(self, image_encoder, image_processor, projection: ConditionProjection,
+    def __init__(self, image_encoder, image_processor, projection: ConditionProjection | None,
                  reference_column: str = "file_name", sources: tuple[Path, ...] = ()):
         self.image_encoder = image_encoder
         self.image_processor = image_processor
@@ -133,23 +212,30 @@ class ClipImageCondition(ProjectedCondition):
         self.cache_sources = sources
 
     @classmethod
-    def build(cls, base: str, cross_attention_dim: int, image_encoder_path: str | None = None,
-              reference_column: str | None = None, condition_tokens: int = 4, **_):
-        from medaug.embeddings import load_vision_model
+    def settings_from(cls, values: dict) -> dict:
+        settings = super().settings_from(values)
+        encoder = settings["image_encoder_name_or_path"]
+        if encoder and Path(encoder).expanduser().is_dir():  # a local folder, found from any working directory
+            settings["image_encoder_name_or_path"] = str(Path(encoder).expanduser().resolve())
+        return settings
 
-        if image_encoder_path is None:
-            if Path(base).is_dir() and not (Path(base) / "image_encoder").is_dir():
-                raise ValueError(f"--conditioning clip_image: {base} has no image_encoder/ folder; "
-                                 "pass --image_encoder_name_or_path")
-            encoder, processor = load_vision_model(base, subfolder="image_encoder")
-            sources = (Path(base) / "image_encoder", Path(base) / "feature_extractor")
-        else:
-            encoder, processor = load_vision_model(image_encoder_path)
-            sources = (Path(image_encoder_path),)
+    @classmethod
+    def build(cls, base: str, cross_attention_dim: int, tokenizer, text_encoder, settings: dict):
+        encoder, processor, sources = _load_image_encoder(base, settings["image_encoder_name_or_path"])
         encoder.requires_grad_(False)
         projection = ConditionProjection.for_features((encoder.config.projection_dim,), cross_attention_dim,
-                                                      condition_tokens)
-        return cls(encoder, processor, projection, reference_column or "file_name", sources)
+                                                      settings["condition_tokens"])
+        return cls(encoder, processor, projection, settings["reference_column"], sources)
+
+    @classmethod
+    def extra_components(cls, base: str, settings: dict) -> dict:
+        encoder, processor, _ = _load_image_encoder(base, cls.settings_from(settings)["image_encoder_name_or_path"])
+        return {"image_encoder": encoder, "feature_extractor": processor}
+
+    @classmethod
+    def from_components(cls, components: dict, settings: dict):
+        return cls(components.get("image_encoder"), components.get("feature_extractor"),
+                   components.get("condition_encoder"), cls.settings_from(settings)["reference_column"])
 
     def inputs(self, folder, rows: list[int]) -> list[Path]:
         if not folder.has_column(self.reference_column):
@@ -179,60 +265,115 @@ class ClipImageCondition(ProjectedCondition):
         """CLIP image embeddings of (H, W, 3) float images in [0, 1] (what `features` reads from files)."""
         from medaug.embeddings import embed_images
 
+        if self.image_encoder is None or self.image_processor is None:
+            raise ValueError("image_encoder, feature_extractor: a clip_image model needs both")
         return torch.from_numpy(embed_images(self.image_encoder, self.image_processor, images))
 
+    def value_features(self, reference_image) -> torch.Tensor:
+        return self.image_features(image_list(reference_image, "reference_image"))
 
-class EmbeddingCondition(ProjectedCondition):
+    def value_bytes(self, value) -> bytes | None:
+        return Path(value).read_bytes() if isinstance(value, (str, Path)) else np.asarray(value).tobytes()
+
+    def describe_values(self) -> str:
+        return "reference_image (a PIL image, path or (H, W[, 3]) array, or a list of them)"
+
+
+class EmbeddingCondition(Condition):
     """A precomputed embedding (ELIXR 32x768, Path Foundation 384, any (D,) or (L, D)) and a projection."""
 
     kind = "embedding"
+    argument = "embeddings"
+    settings = {"embeddings_file": None, "embedding_key_column": "file_name", "embedding_value_column": "embedding",
+                "embedding_shape": None, "condition_tokens": 4}
+    required_settings = ("embeddings_file",)
     cache_sources = None  # already precomputed: nothing to cache
 
-    def __init__(self, embeddings: dict[str, np.ndarray], projection: ConditionProjection, source: str = ""):
-        self.embeddings = embeddings
+    def __init__(self, embeddings: dict[str, np.ndarray] | None, projection: ConditionProjection | None,
+                 settings: dict | None = None):
+        self._embeddings = embeddings
         self.projection = projection
-        self.source = source
+        self.options = self.settings_from(settings or {})
 
     @classmethod
-    def build(cls, cross_attention_dim: int, embeddings_file: str, embedding_key_column: str = "file_name",
-              embedding_value_column: str = "embedding", embedding_shape: tuple[int, ...] | None = None,
-              condition_tokens: int = 4, **_):
+    def settings_from(cls, values: dict) -> dict:
+        settings = super().settings_from(values)
+        if settings["embeddings_file"]:  # a run record must find it from any working directory
+            settings["embeddings_file"] = str(Path(settings["embeddings_file"]).expanduser().resolve())
+        return settings
+
+    @classmethod
+    def build(cls, base: str, cross_attention_dim: int, tokenizer, text_encoder, settings: dict):
+        condition = cls(None, None, settings)
+        shape = Counter(value.shape for value in condition.embeddings.values()).most_common(1)[0][0]  # odd ones named
+        condition.projection = ConditionProjection.for_features(shape, cross_attention_dim, settings["condition_tokens"])
+        return condition
+
+    @classmethod
+    def from_components(cls, components: dict, settings: dict):
+        return cls(None, components.get("condition_encoder"), settings)
+
+    @property
+    def embeddings(self) -> dict[str, np.ndarray]:
+        """The embeddings file's table, read when first needed (a caller passing arrays never needs it)."""
+        if self._embeddings is None:
+            self._embeddings = self._read_table()
+        return self._embeddings
+
+    def _read_table(self) -> dict[str, np.ndarray]:
         from medaug.embeddings import load_embeddings
 
-        embeddings = load_embeddings(embeddings_file, embedding_key_column, embedding_value_column, embedding_shape)
-        if not embeddings:
-            raise ValueError(f"--embeddings_file: {embeddings_file} holds no embeddings")
-        shape = Counter(value.shape for value in embeddings.values()).most_common(1)[0][0]  # odd ones get named
-        projection = ConditionProjection.for_features(shape, cross_attention_dim, condition_tokens)
-        return cls(embeddings, projection, str(embeddings_file))
+        path, shape = self.options["embeddings_file"], self.options["embedding_shape"]
+        if not path:
+            raise ValueError("--embeddings_file: this model was trained on embeddings but names no file; pass one")
+        if not Path(path).is_file():
+            raise ValueError(f"--embeddings_file: {path} not found")
+        table = load_embeddings(path, self.options["embedding_key_column"], self.options["embedding_value_column"],
+                                tuple(shape) if shape else None)
+        if not table:
+            raise ValueError(f"--embeddings_file: {path} holds no embeddings")
+        return table
 
     def inputs(self, folder, rows: list[int]) -> list[str]:
         """Each row's key, after checking every row has a finite embedding of the projection's shape."""
         from medaug.embeddings import check_embeddings
 
         keys = [folder.value(i, "file_name") for i in rows]
-        check_embeddings(self.embeddings, keys, self.source, self.projection.feature_shape)
+        check_embeddings(self.embeddings, keys, self.options["embeddings_file"], self.projection.feature_shape)
         return keys
 
-    def input_identity(self, inputs: list[str]) -> list[str]:
-        return list(inputs)
-
-    def frozen_modules(self) -> list[nn.Module]:
-        return []
+    def row_values(self, folder, rows: list[int]) -> list[np.ndarray]:
+        return [self.embeddings[key] for key in self.inputs(folder, rows)]
 
     def features(self, keys: list[str]) -> torch.Tensor:
         return torch.stack([torch.from_numpy(np.asarray(self.embeddings[key], dtype=np.float32)) for key in keys])
 
+    def value_features(self, embeddings) -> torch.Tensor:
+        return embedding_batch(embeddings, self.projection.feature_shape)
 
-CONDITION_KINDS = {
+    def value_bytes(self, value) -> bytes | None:
+        return np.ascontiguousarray(value, dtype=np.float32).tobytes()
+
+    def describe_values(self) -> str:
+        shape = tuple(self.projection.feature_shape)
+        return f"embeddings of shape {shape_text(shape)} or {shape_text(('B',) + shape)}"
+
+
+CONDITION_KINDS: dict[str, type[Condition]] = {
     "text": TextCondition,
     "clip_image": ClipImageCondition,
     "embedding": EmbeddingCondition,
 }
 
 
+def condition_class(kind: str) -> type[Condition]:
+    if kind not in CONDITION_KINDS:
+        raise ValueError(f"conditioning: unknown kind '{kind}'; expected one of {', '.join(CONDITION_KINDS)}")
+    return CONDITION_KINDS[kind]
+
+
 def load_projection(model_dir: str | Path) -> ConditionProjection:
-    """The trained projection of a finetune.py output folder (`condition_encoder/`)."""
+    """The trained projection of a run folder (`condition_encoder/`)."""
     path = Path(model_dir) / "condition_encoder"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no condition encoder here (text-conditioned runs have none)")

@@ -3,20 +3,21 @@
 data -> base model (`small` preset) -> VAE -> fine-tune on label prompts -> ControlNet on mask edges -> generate
 images with their masks -> domain encoder and quality metrics -> segmentation study real vs real+synthetic ->
 report.html. Each finished stage leaves `stages/<name>.json`; a rerun skips those and resumes the others
-(training scripts from their latest checkpoint, generation from its manifest). The training scripts are run
-in-process from the checkout's `train_scripts/`, exactly as `accelerate launch` would run them.
+(training scripts from their latest checkpoint, generation from its manifest). The training scripts run in this
+process from the installed `medaug.scripts`, exactly as `python -m medaug.scripts.NAME` would run them.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from medaug.files import write_json_atomic
 
 STAGE_FOLDER = "stages"
 
@@ -53,30 +54,11 @@ class DemoError(ValueError):
     """The demo cannot run as asked; the message names the flag or folder."""
 
 
-def find_train_scripts() -> Path:
-    """`train_scripts/` of the checkout: beside the installed package (editable install) or in the cwd."""
-    import medaug
-
-    for candidate in (Path(medaug.__file__).resolve().parents[1] / "train_scripts", Path.cwd() / "train_scripts"):
-        if (candidate / "finetune.py").is_file():
-            return candidate
-    raise DemoError("train_scripts/ not found: run `medaug demo` from a medaug checkout (the training scripts "
-                    "are not installed with the package)")
-
-
-def load_script(name: str):
-    folder = find_train_scripts()
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))  # train_controlnet.py imports finetune.py's phases
-    spec = importlib.util.spec_from_file_location(f"medaug_demo_{name}", folder / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_script(name: str, arguments: list) -> dict:
-    module = load_script(name)
-    return module.main(module.parse_args([str(value) for value in arguments]))
+    """Run a training script of medaug.scripts in this process, exactly as `python -m medaug.scripts.NAME ...`
+    would."""
+    script = importlib.import_module(f"medaug.scripts.{name}")
+    return script.main(script.parse_args([str(value) for value in arguments]))
 
 
 def resume_flag(output_dir: Path) -> list[str]:
@@ -282,7 +264,6 @@ def run_demo(output_dir: str | Path, data: str | Path | None = None, settings: D
     data = Path(data) if data is not None else None
     if data is not None and not (data / "metadata.csv").is_file() and not (data / "metadata.jsonl").is_file():
         raise DemoError(f"--data: {data} is not a dataset folder (no metadata.csv or metadata.jsonl)")
-    find_train_scripts()
     open_demo_folder(output_dir, data, settings, overwrite)
     demo = Demo(output_dir, data, settings)
     records = {}
@@ -297,7 +278,5 @@ def run_demo(output_dir: str | Path, data: str | Path | None = None, settings: D
         started = time.perf_counter()
         result = stage(demo)
         records[name] = {"title": title, "seconds": time.perf_counter() - started, "result": result}
-        partial = record_path.with_suffix(".partial")
-        partial.write_text(json.dumps(records[name], indent=2, default=str) + "\n")
-        partial.replace(record_path)
+        write_json_atomic(record_path, records[name], indent=2)
     return write_demo_report(demo, records)

@@ -21,6 +21,17 @@ class EmbeddingError(ValueError):
     """An embeddings file or one of its entries is unusable; the message names it."""
 
 
+def parse_shape(text: str) -> list[int]:
+    """"32,768" -> [32, 768]; anything else is refused (an argparse `type=` and the `--shape` of medaug embed)."""
+    try:
+        shape = [int(part) for part in str(text).split(",")]
+    except ValueError:
+        raise EmbeddingError(f"shape {text!r}: expected sizes separated by commas, e.g. 32,768") from None
+    if any(size < 1 for size in shape):
+        raise EmbeddingError(f"shape {text!r}: sizes must be positive")
+    return shape
+
+
 def load_embeddings(
     path: str | Path, key_column: str = "file_name", value_column: str = "embedding",
     shape: tuple[int, ...] | None = None,

@@ -18,17 +18,19 @@ done jobs.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from medaug.conditioning import Condition, condition_class, load_projection
 from medaug.data import MANIFEST_NAME, ManifestEntry, append_manifest, to_channels
 from medaug.generate_sources import Source, plan_sources
+from medaug.run_loader import SCHEDULERS, check_run_files
+from medaug.run_record import RECORD_NAME, RunRecord, read_run_record
 from medaug.synthetic import (check_output_folder, finished_files, prepare_output_folder, write_array_png,
                               write_metadata)
 
@@ -51,12 +53,15 @@ class Job:
 class Plan:
     """Everything a run generates, checked before any model is loaded or any file written."""
 
-    run: dict
+    record: RunRecord
+    condition: Condition  # the run's condition kind (its encoders are the pipeline's)
     settings: dict
     sources: list[Source]
     jobs: list[Job]
-    controlnet: bool
-    embeddings: dict = field(default_factory=dict)
+
+    @property
+    def controlnet(self) -> bool:
+        return self.record.controlnet
 
 
 def job_seed(seed: int, source: int, number: int) -> int:
@@ -83,7 +88,7 @@ def model_identity(model_dir: Path) -> str:
     from medaug.training.cache import file_identity
 
     parts = []
-    for name in ("medaug_args.json", "pytorch_lora_weights.safetensors", "unet", "condition_encoder", "controlnet"):
+    for name in (RECORD_NAME, "pytorch_lora_weights.safetensors", "unet", "condition_encoder", "controlnet"):
         path = model_dir / name
         files = sorted(path.rglob("*")) if path.is_dir() else [path]
         parts += [file_identity(file) for file in files if file.is_file()]
@@ -93,11 +98,9 @@ def model_identity(model_dir: Path) -> str:
 def plan_generation(model_dir, edges=None, from_masks=None, from_images=None, prompt=None, embeddings_file=None,
                     split="train", num_per_source=1, num_inference_steps=30, guidance_scale=3.0,
                     controlnet_conditioning_scale=1.0, scheduler="ddim", seed=0, resolution=None,
-                    max_sources=None) -> Plan:
+                    max_sources=None, base_model=None) -> Plan:
     """Check the flags, the model folder and the source, and list the jobs; raises ValueError naming the flag,
     file or column at fault."""
-    from medaug.finetuned import SCHEDULERS, read_run_args
-
     if scheduler not in SCHEDULERS:
         raise ValueError(f"--scheduler: unknown scheduler '{scheduler}'; expected one of {', '.join(SCHEDULERS)}")
     for flag, value in (("--num_per_source", num_per_source), ("--num_inference_steps", num_inference_steps),
@@ -109,75 +112,44 @@ def plan_generation(model_dir, edges=None, from_masks=None, from_images=None, pr
     if len(given) > 1:
         raise ValueError(f"give one source of structure, not {' and '.join(given)}")
     model_dir = Path(model_dir).resolve()
-    run = read_run_args(model_dir)
-    controlnet = (model_dir / "controlnet" / "config.json").is_file()
-    resolution = int(resolution or run["resolution"])
+    record = read_run_record(model_dir, base_model)
+    check_run_files(model_dir, record)
+    resolution = int(resolution or record.resolution)
     if resolution < 8 or resolution % 8:
         raise ValueError(f"--resolution {resolution}: must be a positive multiple of 8")
-    kind = run["conditioning"]
-    if prompt is not None and kind != "text":
-        raise ValueError(f"--prompt: {model_dir} is conditioned on {kind}, not text; its conditions come from the "
-                         "source rows")
-    if embeddings_file is not None and kind != "embedding":
-        raise ValueError(f"--embeddings_file: {model_dir} is conditioned on {kind}; only embedding models take one")
+    condition = planning_condition(model_dir, record, prompt, embeddings_file)
     flag, path = next(iter(given.items()), (None, None))
-    sources, edge_method = plan_sources(run, model_dir, controlnet, flag, path, split, resolution, max_sources,
+    sources, edge_method = plan_sources(record, condition, model_dir, flag, path, split, resolution, max_sources,
                                         prompt)
-    embeddings, embeddings_path = _embeddings(run, model_dir, kind, embeddings_file, sources)
     settings = {
-        "model_dir": str(model_dir), "model_identity": model_identity(model_dir), "conditioning": kind,
+        "model_dir": str(model_dir), "model_identity": model_identity(model_dir), "conditioning": record.conditioning,
         "source": flag.lstrip("-") if flag else None, "source_dir": str(Path(path).resolve()) if path else None,
         "split": split if flag and sources[0].row is not None else None, "prompt": prompt,
-        "embeddings_file": embeddings_path, "num_per_source": num_per_source, "max_sources": max_sources,
+        "embeddings_file": str(Path(embeddings_file).resolve()) if embeddings_file else None,
+        "num_per_source": num_per_source, "max_sources": max_sources,
         "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-        "controlnet_conditioning_scale": controlnet_conditioning_scale if controlnet else None,
+        "controlnet_conditioning_scale": controlnet_conditioning_scale if record.controlnet else None,
         "edge_method": edge_method, "scheduler": scheduler, "seed": seed, "resolution": resolution,
-        "fit": run.get("fit") or "pad", "channels": output_channels(run),
+        "fit": record.fit, "channels": record.channels,
     }
-    return Plan(run, settings, sources, make_jobs(sources, num_per_source, seed), controlnet, embeddings)
+    return Plan(record, condition, settings, sources, make_jobs(sources, num_per_source, seed))
 
 
-def output_channels(run: dict, sample: int = 8) -> int:
-    """1 when the model was trained on grey images (its outputs' 3 channels then carry one signal), else 3: a
-    synthetic folder stores images as its real counterpart does, so metrics and benchmarks compare like with
-    like."""
-    from medaug.data import DatasetFolder
-    from medaug.metrics.imagesets import stored_channels
-
-    data = run.get("train_data_dir")
-    if not data or not Path(data).is_dir():
-        return 3
-    try:
-        folder = DatasetFolder(data)
-        rows = folder.indices(run.get("split") or None)[:sample]
-        return max(stored_channels(folder.path(i, "file_name"), folder.slice_index(i)) for i in rows)
-    except (ValueError, OSError):
-        return 3  # the training data moved or changed: keep what the model produces
-
-
-def _embeddings(run: dict, model_dir: Path, kind: str, embeddings_file, sources: list[Source]):
-    """Each source's embedding for an embedding model (from --embeddings_file, else the run's file)."""
-    from medaug.embeddings import check_embeddings, load_embeddings
-
-    if kind != "embedding":
-        return {}, None
-    path = embeddings_file or run.get("embeddings_file")
-    if not path:
-        raise ValueError(f"--embeddings_file: {model_dir} was trained on embeddings but names no file; pass one")
-    if not Path(path).is_file():
-        raise ValueError(f"--embeddings_file: {path} not found" + ("" if embeddings_file else
-                                                                   f" (named by {model_dir}/medaug_args.json)"))
-    if sources[0].row is None:
-        raise ValueError("an embedding model takes its conditions from the source rows' embeddings; give "
-                         "--from_masks, --from_images or an --edges dataset folder with metadata.csv")
-    shape = run.get("embedding_shape")
-    table = load_embeddings(path, run.get("embedding_key_column") or "file_name",
-                            run.get("embedding_value_column") or "embedding", tuple(shape) if shape else None)
-    config = json.loads((model_dir / "condition_encoder" / "config.json").read_text())
-    tokens, width = config["input_tokens"], config["input_dim"]
-    keys = [source.file_name for source in sources]
-    check_embeddings(table, keys, path, (tokens, width) if tokens > 0 else (width,))
-    return {key: table[key] for key in keys}, str(Path(path).resolve())
+def planning_condition(model_dir: Path, record: RunRecord, prompt, embeddings_file) -> Condition:
+    """The run's condition, with its trained projection (it knows the input shape) but not its encoders, which
+    only the pipeline loads; --prompt and --embeddings_file are checked against what the kind takes."""
+    kind = condition_class(record.conditioning)
+    if prompt is not None and kind.argument != "prompt":
+        raise ValueError(f"--prompt: {model_dir} is conditioned on {record.conditioning}, not text; its conditions "
+                         "come from the source rows")
+    settings = dict(record.condition_settings)
+    if embeddings_file is not None:
+        if "embeddings_file" not in kind.settings:
+            raise ValueError(f"--embeddings_file: {model_dir} is conditioned on {record.conditioning}, which takes "
+                             "no embeddings file")
+        settings["embeddings_file"] = str(embeddings_file)
+    projection = load_projection(model_dir) if (model_dir / "condition_encoder").is_dir() else None
+    return kind.from_components({"condition_encoder": projection}, settings)
 
 
 def _condition_hash(parts: list[bytes]) -> str:
@@ -189,20 +161,10 @@ def _condition_hash(parts: list[bytes]) -> str:
 
 def _batch_inputs(plan: Plan, batch: list[Job]) -> tuple[dict, list[str], list[str]]:
     """The pipeline's condition and control arguments for a batch, the prompts shown, the condition hashes."""
-    kind = plan.run["conditioning"]
-    sources = [plan.sources[job.source] for job in batch]
-    arguments, prompts, hashes = {}, [""] * len(batch), []
-    parts = [[] for _ in batch]
-    if kind == "text":
-        prompts = [source.condition for source in sources]
-        arguments["prompt"] = prompts
-    elif kind == "clip_image":
-        arguments["reference_image"] = [source.condition for source in sources]
-        parts = [[Path(source.condition).read_bytes()] for source in sources]
-    else:
-        values = [plan.embeddings[source.file_name] for source in sources]
-        arguments["embeddings"] = np.stack(values)
-        parts = [[np.ascontiguousarray(value, dtype=np.float32).tobytes()] for value in values]
+    values = [plan.sources[job.source].condition for job in batch]
+    arguments = {"condition": values}
+    prompts = [plan.condition.value_text(value) for value in values]
+    parts = [[part] if (part := plan.condition.value_bytes(value)) is not None else [] for value in values]
     if plan.controlnet:
         # A source's num_per_source jobs share one edge map: make it once per batch, not once per image.
         made = {job.source: plan.sources[job.source].control_image(plan.settings["resolution"], plan.settings["fit"])
@@ -250,7 +212,8 @@ def load_pipeline(plan: Plan, device):
     from medaug.pipelines import MedaugControlNetPipeline, MedaugPipeline
 
     pipeline_class = MedaugControlNetPipeline if plan.controlnet else MedaugPipeline
-    pipeline = pipeline_class.from_medaug(plan.settings["model_dir"], scheduler=plan.settings["scheduler"])
+    pipeline = pipeline_class.from_medaug(plan.settings["model_dir"], scheduler=plan.settings["scheduler"],
+                                          base_model=plan.record.base_model)
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     step = vae_scale * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
     if plan.settings["resolution"] % step:
@@ -274,7 +237,7 @@ def generate(model_dir: str | Path, output_dir: str | Path, edges: str | Path | 
              num_inference_steps: int = 30, guidance_scale: float = 3.0, controlnet_conditioning_scale: float = 1.0,
              scheduler: str = "ddim", seed: int = 0, batch_size: int = 4, resolution: int | None = None,
              resume: bool = False, overwrite: bool = False, max_sources: int | None = None,
-             progress: Callable[[int], None] | None = None, on_start: Callable[[int], None] | None = None) -> dict:
+             base_model: str | Path | None = None, progress: Callable[[int], None] | None = None, on_start: Callable[[int], None] | None = None) -> dict:
     """Generate a synthetic dataset folder; return {written, skipped, total, seconds, images_per_second, ...}.
 
     Raises ValueError (or FileNotFoundError, FileExistsError) naming the flag or file at fault before any file
@@ -288,7 +251,7 @@ def generate(model_dir: str | Path, output_dir: str | Path, edges: str | Path | 
     plan = plan_generation(model_dir, edges, from_masks, from_images, prompt,
                            str(embeddings_file) if embeddings_file else None, split, num_per_source,
                            num_inference_steps, guidance_scale, controlnet_conditioning_scale, scheduler, seed,
-                           resolution, max_sources)
+                           resolution, max_sources, base_model)
     check_output_folder(output_dir, plan.settings, resume, overwrite, GROWABLE)
     state = process_state()
     loading = time.perf_counter()

@@ -22,7 +22,7 @@ EDGE_COLUMN = "conditioning_image_file_name"
 class Source:
     file_name: str  # the row's file_name, an edge map's name in a plain folder, or "" (a prompt alone)
     split: str  # the row's split ("" where there are no rows)
-    condition: object  # the prompt, the reference image's path, or the embedding's key
+    condition: object  # the value the pipeline takes for it (a prompt, a reference image's path, an embedding)
     row: int | None = None
     folder: DatasetFolder | None = None
     text: str = ""
@@ -47,16 +47,16 @@ class Source:
         return fit_square(load_mask(self.mask_path, self.folder.slice_index(self.row)), resolution, fit, nearest=True)
 
 
-def plan_sources(run: dict, model_dir: Path, controlnet: bool, flag: str | None, path, split: str,
-                 resolution: int, max_sources: int | None, prompt: str | None) -> tuple[list[Source], str | None]:
+def plan_sources(record, condition, model_dir: Path, flag: str | None, path, split: str, resolution: int,
+                 max_sources: int | None, prompt: str | None) -> tuple[list[Source], str | None]:
     """The sources of a run and the edge method used for them ("precomputed" for given edge maps, None
     without a ControlNet); raises ValueError naming the flag, file or column at fault."""
-    kind = run["conditioning"]
+    kind, controlnet = record.conditioning, record.controlnet
     if flag is None:
         if controlnet:
             raise ValueError(f"{model_dir} has a ControlNet: give --edges, --from_masks or --from_images for its "
                              "edge maps")
-        if kind != "text" or prompt is None:
+        if prompt is None:
             raise ValueError(f"give --prompt, or --from_masks/--from_images whose rows hold the {kind} conditions")
         return [Source(file_name="", split="", condition=prompt)], None
     path = Path(path)
@@ -70,7 +70,7 @@ def plan_sources(run: dict, model_dir: Path, controlnet: bool, flag: str | None,
         rows = folder.indices(split)[:max_sources]
     except DatasetError as error:
         raise ValueError(f"{flag} {error}") from error
-    method = _edge_method(run, flag, controlnet)
+    method = _edge_method(record.edge_method, flag, controlnet)
     needs = {"--from_masks": "mask_file_name", "--edges": EDGE_COLUMN}.get(flag)
     if method == "fused":
         needs = "mask_file_name"
@@ -78,24 +78,23 @@ def plan_sources(run: dict, model_dir: Path, controlnet: bool, flag: str | None,
         _require_column(folder, rows, needs, flag)
     try:
         folder.check(split, rows=rows)
-    except DatasetError as error:
+        values = [prompt] * len(rows) if prompt is not None else condition.row_values(folder, rows)
+    except ValueError as error:  # DatasetError and EmbeddingError are ValueErrors
         raise ValueError(f"{flag} {error}") from error
     carry_masks = flag == "--from_masks" or folder.has_column("mask_file_name")
-    sources = [Source(file_name=folder.value(i, "file_name"), split=folder.split(i), condition=None, row=i,
+    sources = [Source(file_name=folder.value(i, "file_name"), split=folder.split(i), condition=value, row=i,
                       folder=folder, text=folder.value(i, "text"), label=folder.value(i, "label"),
                       mask_path=folder.path(i, "mask_file_name") if carry_masks else None,
-                      edge_method=None if method == "precomputed" else method) for i in rows]
-    _set_conditions(run, sources, folder, rows, prompt, flag)
+                      edge_method=None if method == "precomputed" else method) for i, value in zip(rows, values)]
     return sources, method
 
 
-def _edge_method(run: dict, flag: str, controlnet: bool) -> str | None:
+def _edge_method(method: str | None, flag: str, controlnet: bool) -> str | None:
     """How a source's edge maps are made: the model's --edge_method where it fits the source."""
     from medaug.edges import MASK_METHODS
 
     if not controlnet:
         return None
-    method = run.get("edge_method")
     if flag == "--edges":
         return "precomputed"
     if flag == "--from_masks":
@@ -114,31 +113,6 @@ def _require_column(folder: DatasetFolder, rows: list[int], column: str, flag: s
         raise ValueError(f"{flag} {error}") from error
 
 
-def _set_conditions(run: dict, sources: list[Source], folder: DatasetFolder, rows: list[int], prompt, flag) -> None:
-    """Each source's condition: the prompt or the row's text, the row's reference image, or its embedding key
-    (the key is checked against the embeddings file later)."""
-    kind = run["conditioning"]
-    if kind == "text":
-        column = run.get("caption_column") or "text"
-        texts = [prompt or folder.value(i, column) for i in rows]
-        empty = [str(i + 1) for i, text in zip(rows, texts) if not text]
-        if empty:
-            raise ValueError(f"{flag} {folder.metadata_path}: column '{column}' is empty or missing in row(s) "
-                             f"{', '.join(empty[:10])}; fill it or pass --prompt")
-        values = texts
-    elif kind == "clip_image":
-        column = run.get("reference_column") or "file_name"
-        values = [folder.path(i, column) for i in rows]
-        missing = [str(i + 1) for i, value in zip(rows, values) if value is None or not value.is_file()]
-        if missing:
-            raise ValueError(f"{flag} {folder.metadata_path}: column '{column}' names no existing reference image "
-                             f"in row(s) {', '.join(missing[:10])}")
-    else:
-        values = [folder.value(i, "file_name") for i in rows]
-    for source, value in zip(sources, values):
-        source.condition = value
-
-
 def _plain_edge_sources(path: Path, kind: str, resolution: int, max_sources: int | None,
                         prompt: str | None) -> list[Source]:
     """A folder of edge images without metadata: each must already be resolution x resolution."""
@@ -150,11 +124,9 @@ def _plain_edge_sources(path: Path, kind: str, resolution: int, max_sources: int
                    if file.is_file() and not file.name.startswith(".") and file.suffix.lower() in RASTER_SUFFIXES)
     if not files:
         raise ValueError(f"--edges: {path} has no metadata.csv and no edge images ({', '.join(RASTER_SUFFIXES)})")
-    if kind != "text":
-        raise ValueError(f"--edges: {path} is a plain folder of edge maps with no rows to take {kind} conditions "
-                         "from; give a dataset folder (with metadata.csv) instead")
     if prompt is None:
-        raise ValueError(f"--prompt: required with --edges {path}, a plain folder of edge maps without prompts")
+        raise ValueError(f"--prompt: required with --edges {path}, a plain folder of edge maps with no rows to take "
+                         f"{kind} conditions from (or give a dataset folder with metadata.csv)")
     files = files[:max_sources]
     for file in files:
         try:

@@ -1,12 +1,13 @@
-"""`MedaugPipeline`: generate from a medaug output folder with its own condition (text, reference image or
-precomputed embedding).
+"""`MedaugPipeline`: generate from a medaug run folder with its own condition (text, reference image, precomputed
+embedding, or any kind registered in medaug.conditioning).
 
     pipe = MedaugPipeline.from_medaug("outputs/busi-embedding").to("cuda")
     images = pipe(embeddings=path_foundation_vectors, num_inference_steps=30, guidance_scale=3.0).images
+    pipe.save_pretrained("busi-pipeline"); MedaugPipeline.from_pretrained("busi-pipeline")
 
-The condition becomes `prompt_embeds` through the run's condition kind, its unconditional embedding becomes
-`negative_prompt_embeds` (the empty prompt for text; the learned one otherwise), and the denoising loop is stock
-`StableDiffusionPipeline`'s, run on the same modules.
+It is diffusers' `StableDiffusionPipeline` with a condition encoder: the condition becomes `prompt_embeds` through
+the run's condition kind, its unconditional embedding becomes `negative_prompt_embeds` (the empty prompt for text;
+the learned one otherwise), and the denoising loop is the stock one.
 """
 
 from __future__ import annotations
@@ -14,129 +15,110 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import StableDiffusionPipeline
 
-from medaug.conditioning import CONDITION_KINDS, ClipImageCondition, TextCondition
-
-from .inputs import embedding_batch, image_list, shape_text
+from medaug.conditioning import condition_class
 
 # Arguments of the stock pipelines that medaug's pipelines set themselves.
 RESERVED = ("prompt_embeds", "negative_prompt_embeds", "image", "ip_adapter_image", "ip_adapter_image_embeds")
+# Names a condition value may be passed by: each kind's own (`Condition.argument`) or the generic `condition`.
+CONDITION_ARGUMENTS = ("prompt", "reference_image", "embeddings", "condition")
+CONDITION_MODULES = ("tokenizer", "text_encoder", "image_encoder", "feature_extractor", "condition_encoder")
 
 
-class MedaugPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "text_encoder->image_encoder->condition_encoder->unet->vae"
-    _optional_components = ["condition_encoder", "image_encoder", "feature_extractor"]
+class MedaugConditionMixin:
+    """Condition handling shared by medaug's pipelines: the run's condition kind, built from the registered
+    modules, turns a caller's values into (prompt_embeds, negative_prompt_embeds)."""
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, condition_encoder=None, image_encoder=None,
-                 feature_extractor=None, conditioning: str = "text", resolution: int | None = None):
-        super().__init__()
-        if conditioning not in CONDITION_KINDS:
-            raise ValueError(f"conditioning: unknown kind '{conditioning}'; expected one of "
-                             f"{', '.join(CONDITION_KINDS)}")
-        if conditioning != "text" and condition_encoder is None:
-            raise ValueError(f"condition_encoder: a {conditioning} model needs its ConditionProjection")
-        if conditioning == "clip_image" and (image_encoder is None or feature_extractor is None):
-            raise ValueError("image_encoder, feature_extractor: a clip_image model needs both")
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                              condition_encoder=condition_encoder, image_encoder=image_encoder,
-                              feature_extractor=feature_extractor)
-        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.register_to_config(conditioning=conditioning,
-                                resolution=int(resolution or unet.config.sample_size * vae_scale))
+    def _check_condition_modules(self) -> None:
+        kind = condition_class(self.config.conditioning)
+        missing = [name for name in kind.required_components if getattr(self, name, None) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: a {kind.kind} model needs {'them' if len(missing) > 1 else 'it'}")
 
-    @classmethod
-    def from_medaug(cls, model_dir: str | Path, scheduler=None, fuse_lora: bool = True) -> MedaugPipeline:
-        """Load a medaug output folder. `scheduler`: None (the base's), a name of medaug.finetuned.SCHEDULERS
-        ("ddim", "dpm++", "unipc", ...) or a diffusers scheduler; `fuse_lora` merges the LoRA into the weights."""
-        from medaug.finetuned import load_components
+    def condition(self):
+        """The run's condition object on this pipeline's modules."""
+        modules = {name: getattr(self, name, None) for name in CONDITION_MODULES}
+        return condition_class(self.config.conditioning).from_components(modules, {})
 
-        components, run = load_components(model_dir, scheduler, fuse_lora)
-        components.pop("controlnet")  # a ControlNet run still generates without its ControlNet here
-        return cls(**components, conditioning=run["conditioning"], resolution=run.get("resolution"))
-
-    # ---- conditions ----------------------------------------------------------------------------------
-
-    def encode_condition(self, prompt=None, reference_image=None, embeddings=None,
+    def encode_condition(self, prompt=None, reference_image=None, embeddings=None, condition=None,
                          negative_prompt=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds, negative_prompt_embeds) of shape (B, tokens, cross_attention_dim) for the model's
-        condition kind; the negative is the condition's unconditional embedding unless `negative_prompt` (text
-        models only) is given."""
+        """(prompt_embeds, negative_prompt_embeds) of shape (B, tokens, cross_attention_dim); the negative is the
+        condition's unconditional embedding unless `negative_prompt` (prompt kinds only) is given."""
+        encoder = self.condition()
         kind = self.config.conditioning
-        given = {"prompt": prompt, "reference_image": reference_image, "embeddings": embeddings}
-        wanted = {"text": "prompt", "clip_image": "reference_image", "embedding": "embeddings"}[kind]
-        for name, value in given.items():
-            if name != wanted and value is not None:
-                raise ValueError(f"{name}: this model is conditioned on {kind}; pass {self._expected()} instead")
-        if given[wanted] is None:
-            raise ValueError(f"{wanted}: this model is conditioned on {kind}; pass {self._expected()}")
-        if negative_prompt is not None and kind != "text":
+        given = {name: value for name, value in zip(CONDITION_ARGUMENTS, (prompt, reference_image, embeddings,
+                                                                            condition)) if value is not None}
+        accepted = {encoder.argument, "condition"}
+        for name in given:
+            if name not in accepted:
+                raise ValueError(f"{name}: this model is conditioned on {kind}; pass {encoder.describe_values()} "
+                                 "instead")
+        if len(given) != 1:
+            raise ValueError(f"{encoder.argument}: this model is conditioned on {kind}; pass "
+                             f"{encoder.describe_values()}" + (" (once, not also as condition)" if given else ""))
+        if negative_prompt is not None and encoder.argument != "prompt":
             raise ValueError(f"negative_prompt: only text models take one; a {kind} model's negative is its "
                              "learned unconditional embedding")
         with torch.no_grad():
-            if kind == "text":
-                return self._encode_text(prompt, negative_prompt)
-            if kind == "clip_image":
-                condition = ClipImageCondition(self.image_encoder, self.feature_extractor, self.condition_encoder)
-                features = condition.image_features(image_list(reference_image, "reference_image"))
-            else:
-                features = embedding_batch(embeddings, self.condition_encoder.feature_shape)
-            hidden = self.condition_encoder(features.to(self._execution_device))
-            return hidden, self.condition_encoder.unconditional_embedding(hidden.shape[0]).to(hidden.dtype)
+            hidden = encoder.hidden_states(encoder.value_features(next(iter(given.values()))).to(self._execution_device))
+            if negative_prompt is None:
+                return hidden, encoder.unconditional_embedding(hidden.shape[0]).to(hidden.dtype)
+            negatives = [negative_prompt] * hidden.shape[0] if isinstance(negative_prompt, str) else negative_prompt
+            if len(negatives) != hidden.shape[0]:
+                raise ValueError(f"negative_prompt: {len(negatives)} given for {hidden.shape[0]} prompts")
+            return hidden, encoder.hidden_states(encoder.value_features(negatives))
 
-    def _expected(self) -> str:
-        kind = self.config.conditioning
-        if kind == "text":
-            return "prompt (a string or a list of strings)"
-        if kind == "clip_image":
-            return "reference_image (a PIL image, path or (H, W[, 3]) array, or a list of them)"
-        shape = tuple(self.condition_encoder.feature_shape)
-        return f"embeddings of shape {shape_text(shape)} or {shape_text(('B',) + shape)}"
 
-    def _encode_text(self, prompt, negative_prompt) -> tuple[torch.Tensor, torch.Tensor]:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(text, str) for text in prompts):
-            raise ValueError(f"prompt: expected a string or a non-empty list of strings, got {prompt!r}")
-        condition = TextCondition(self.tokenizer, self.text_encoder)
-        hidden = condition.features(prompts)
-        if negative_prompt is None:
-            return hidden, condition.unconditional_embedding(len(prompts)).to(hidden.dtype)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt: {len(negatives)} given for {len(prompts)} prompts")
-        return hidden, condition.features(negatives)
+class MedaugPipeline(MedaugConditionMixin, StableDiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->image_encoder->condition_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "condition_encoder"]
 
-    # ---- sampling -------------------------------------------------------------------------------------
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
+                 image_encoder=None, condition_encoder=None, requires_safety_checker: bool = False,
+                 conditioning: str = "text", resolution: int | None = None):
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                         safety_checker=safety_checker, feature_extractor=feature_extractor,
+                         image_encoder=image_encoder, requires_safety_checker=requires_safety_checker)
+        self.register_modules(condition_encoder=condition_encoder)
+        self.register_to_config(conditioning=condition_class(conditioning).kind,
+                                resolution=int(resolution or unet.config.sample_size * self.vae_scale_factor))
+        self._check_condition_modules()
 
-    def stock_pipeline(self):
-        """diffusers' StableDiffusionPipeline on this pipeline's modules (shared, not copied)."""
-        from diffusers import StableDiffusionPipeline
+    @classmethod
+    def from_medaug(cls, model_dir: str | Path, scheduler=None, fuse_lora: bool = True,
+                    base_model: str | Path | None = None) -> MedaugPipeline:
+        """Load a medaug run folder. `scheduler`: None (the base's), a name of medaug.run_loader.SCHEDULERS
+        ("ddim", "dpm++", "unipc", ...) or a diffusers scheduler; `fuse_lora` merges the LoRA into the weights;
+        `base_model` points to the base where the record's path no longer holds it."""
+        from medaug.run_loader import apply_lora, load_run_components
 
-        stock = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                        unet=self.unet, scheduler=self.scheduler, safety_checker=None,
-                                        feature_extractor=None, requires_safety_checker=False)
-        stock.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
-        return stock
+        components, record = load_run_components(model_dir, scheduler, base_model)
+        components.pop("controlnet")  # a ControlNet run still generates without its ControlNet here
+        pipeline = cls(**components, conditioning=record.conditioning, resolution=record.resolution)
+        apply_lora(pipeline, model_dir, fuse_lora)
+        return pipeline
 
     @torch.no_grad()
-    def __call__(self, prompt=None, reference_image=None, embeddings=None, negative_prompt=None,
+    def __call__(self, prompt=None, reference_image=None, embeddings=None, condition=None, negative_prompt=None,
                  num_inference_steps: int = 30, guidance_scale: float = 3.0, generator=None,
                  height: int | None = None, width: int | None = None, output_type: str = "pil",
                  num_images_per_prompt: int = 1, **kwargs):
-        """Generate from the model's condition: `prompt` (text models), `reference_image` (clip_image) or
-        `embeddings` (embedding). Height and width default to the run's resolution; other keyword arguments
-        (eta, latents, callback_on_step_end, ...) go to stock StableDiffusionPipeline."""
-        _refuse_reserved(kwargs)
-        prompt_embeds, negative = self.encode_condition(prompt, reference_image, embeddings, negative_prompt)
-        return self.stock_pipeline()(
+        """Generate from the model's condition: `prompt` (text models), `reference_image` (clip_image),
+        `embeddings` (embedding), or `condition` for any kind. Height and width default to the run's resolution;
+        other keyword arguments (eta, latents, callback_on_step_end, ...) go to stock StableDiffusionPipeline."""
+        refuse_reserved(kwargs)
+        prompt_embeds, negative = self.encode_condition(prompt, reference_image, embeddings, condition,
+                                                        negative_prompt)
+        return super().__call__(
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, generator=generator, height=height or self.config.resolution,
             width=width or self.config.resolution, output_type=output_type,
             num_images_per_prompt=num_images_per_prompt, **kwargs)
 
 
-def _refuse_reserved(kwargs: dict) -> None:
+def refuse_reserved(kwargs: dict) -> None:
     reserved = sorted(set(kwargs) & set(RESERVED))
     if reserved:
-        raise ValueError(f"{', '.join(reserved)}: set by the pipeline from prompt, reference_image, embeddings "
-                         "and control_image; pass those instead")
+        raise ValueError(f"{', '.join(reserved)}: set by the pipeline from its condition (prompt, reference_image, "
+                         "embeddings or condition) and control_image; pass those instead")

@@ -3,8 +3,6 @@ base, and the same folder with a ControlNet added as train_controlnet.py would s
 
 from __future__ import annotations
 
-import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
+from medaug.scripts import finetune
 
 EMBEDDING_SHAPE = (8, 16)  # an (L, D) embedding, as ELIXR's 32x768 but small
-
-
-def _finetune_module():
-    path = REPO_ROOT / "train_scripts" / "finetune.py"
-    spec = importlib.util.spec_from_file_location("finetune_for_generation", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_embeddings(data: Path, path: Path, shape=EMBEDDING_SHAPE, seed: int = 0) -> Path:
@@ -35,7 +25,6 @@ def write_embeddings(data: Path, path: Path, shape=EMBEDDING_SHAPE, seed: int = 
 
 def finetuned_folder(base: Path, data: Path, output_dir: Path, kind: str = "text") -> Path:
     """finetune.py for two steps with conditioning `kind` (embedding: an (8, 16) embeddings file beside it)."""
-    finetune = _finetune_module()
     flags = ["--conditioning", kind]
     if kind == "embedding":
         embeddings = write_embeddings(data, output_dir.parent / f"{output_dir.name}.safetensors")
@@ -53,11 +42,12 @@ def add_controlnet(model_dir: Path, edge_method: str = "mask_boundary", seed: in
     changes the output, saved as train_controlnet.py saves one."""
     from diffusers import ControlNetModel
 
-    from medaug.finetuned import load_components
+    from medaug.pipelines import MedaugPipeline
+    from medaug.run_record import read_run_record, write_run_record
 
-    components, run = load_components(model_dir)  # the LoRA fused in, as train_controlnet.py copies the UNet
+    unet = MedaugPipeline.from_medaug(model_dir).unet  # the LoRA fused in, as train_controlnet.py copies the UNet
     torch.manual_seed(seed)
-    controlnet = ControlNetModel.from_unet(components["unet"], conditioning_embedding_out_channels=(16, 32))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
     zero_layers = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
                    controlnet.controlnet_cond_embedding.conv_out]
     with torch.no_grad():
@@ -65,8 +55,9 @@ def add_controlnet(model_dir: Path, edge_method: str = "mask_boundary", seed: in
             layer.weight.normal_(0.0, 0.3)
             layer.bias.normal_(0.0, 0.3)
     controlnet.save_pretrained(model_dir / "controlnet", safe_serialization=True)
-    record = dict(run, edge_method=edge_method, controlnet=True)
-    (model_dir / "medaug_args.json").write_text(json.dumps(record, indent=2) + "\n")
+    record = read_run_record(model_dir)
+    record.controlnet, record.edge_method, record.script = True, edge_method, "train_controlnet"
+    write_run_record(model_dir, record)
     return model_dir
 
 

@@ -3,10 +3,8 @@ resume, and bad input."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 
 import numpy as np
 import pandas as pd
@@ -14,15 +12,12 @@ import pytest
 import torch
 
 from medaug.data import DatasetError
+from medaug.run_record import RunRecord, write_run_record
+from medaug.scripts import train_controlnet
 from medaug.training.checkpoint import CheckpointError
 from medaug.training.loss_log import LOSS_HISTORY, read_loss_history
-from tests.conftest import REPO_ROOT, shared_dataset
+from tests.conftest import shared_dataset
 
-sys.path.insert(0, str(REPO_ROOT / "train_scripts"))
-spec = importlib.util.spec_from_file_location("train_controlnet", REPO_ROOT / "train_scripts" / "train_controlnet.py")
-train_controlnet = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_controlnet)
-finetune = train_controlnet.finetune
 
 
 def run(data, output_dir, cache_dir, *extra, steps=2):
@@ -112,8 +107,9 @@ def test_lora_dir_supplies_base_conditions_and_weights(tiny_model_dir, phantom_d
     output_dir = tmp_path / "out"
     run(phantom_dir, output_dir, tmp_path / "cache", "--lora_dir", lora_dir, "--edge_method", "fused")
     run_args = json.loads((output_dir / "medaug_args.json").read_text())
-    assert run_args["base_model"] == str(tiny_model_dir.resolve())
-    assert run_args["conditioning"] == "embedding" and run_args["embeddings_file"] == str(embeddings.resolve())
+    assert run_args["base_model"] == str(tiny_model_dir.resolve()) and run_args["lora_dir"] == str(lora_dir)
+    assert run_args["conditioning"] == "embedding"
+    assert run_args["condition_settings"]["embeddings_file"] == str(embeddings.resolve())
     for name in ("pytorch_lora_weights.safetensors", "condition_encoder/diffusion_pytorch_model.safetensors"):
         assert load_file(output_dir / name).keys() == load_file(lora_dir / name).keys()
     projection = load_file(output_dir / "condition_encoder/diffusion_pytorch_model.safetensors")
@@ -221,7 +217,7 @@ def test_base_needed_and_must_match_lora_dir(tiny_model_dir, phantom_dir, tmp_pa
         train_controlnet.parse_args(["--train_data_dir", str(phantom_dir), "--edge_method", "canny"])
     lora_dir = tmp_path / "lora"
     lora_dir.mkdir()
-    (lora_dir / "medaug_args.json").write_text(json.dumps({"base_model": "someone/other-model"}))
+    write_run_record(lora_dir, RunRecord(base_model="someone/other-model", resolution=64, script="finetune"))
     with pytest.raises(ValueError, match="differs from the base of --lora_dir"):
         train_controlnet.parse_args(["--train_data_dir", str(phantom_dir), "--edge_method", "canny", "--lora_dir",
                                      str(lora_dir), "--pretrained_model_name_or_path", str(tiny_model_dir)])

@@ -101,3 +101,11 @@ def test_parquet_without_pyarrow_names_the_extra(phantom_dir, tmp_path, monkeypa
                             "--output", tmp_path / "o.safetensors")
     assert result.exit_code == 2 and "pip install 'medaug[parquet]'" in output and "a.parquet" in output
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_malformed_shape_is_named(phantom_dir, tmp_path):
+    names = file_names(phantom_dir)
+    pd.DataFrame({"file_name": names, "embedding": [[0.0] * 4] * len(names)}).to_parquet(tmp_path / "a.parquet")
+    result, output = invoke(phantom_dir, "--import_file", tmp_path / "a.parquet", "--shape", "2,x",
+                            "--output", tmp_path / "o.safetensors")
+    assert result.exit_code == 2 and "shape '2,x': expected sizes separated by commas" in output

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -12,14 +11,11 @@ import torch
 
 from medaug.data import DatasetError
 from medaug.embeddings import EmbeddingError, save_embeddings
-from medaug.finetuned import load_finetuned
+from medaug.scripts import finetune
 from medaug.training.checkpoint import CheckpointError
 from medaug.training.loss_log import LOSS_HISTORY, read_loss_history
 from tests.conftest import REPO_ROOT, shared_dataset
 
-spec = importlib.util.spec_from_file_location("finetune", REPO_ROOT / "train_scripts" / "finetune.py")
-finetune = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(finetune)
 
 ELIXR_SHAPE = (32, 768)  # chest X-ray foundation-model embeddings: 32 tokens of 768
 PATH_FOUNDATION_SHAPE = (384,)  # histopathology foundation-model embedding: one vector
@@ -75,12 +71,22 @@ def generate(pipeline, embeddings):
 
 
 def assert_output_folder_changes_generation(output_dir, base, data):
+    """A user's own stock-diffusers code, with only the folder's files: the LoRA, condition_encoder/, the record."""
     from diffusers import StableDiffusionPipeline
 
+    from medaug.conditioning import ConditionProjection
+
     assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
-    run_args = json.loads((output_dir / "medaug_args.json").read_text())
-    tuned, projection, _ = load_finetuned(output_dir)
-    stock = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    record = json.loads((output_dir / "medaug_args.json").read_text())
+    run_args = {"conditioning": record["conditioning"], **record["condition_settings"]}
+
+    def stock_pipeline():
+        return StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+
+    tuned, stock = stock_pipeline(), stock_pipeline()
+    tuned.load_lora_weights(str(output_dir))
+    encoder_dir = output_dir / "condition_encoder"
+    projection = ConditionProjection.from_pretrained(encoder_dir) if encoder_dir.is_dir() else None
     embeddings = condition_embeddings(tuned, projection, run_args, data)
     tuned_images, stock_images = generate(tuned, embeddings), generate(stock, embeddings)
     assert tuned_images.shape == (1, 64, 64, 3) and np.isfinite(tuned_images).all()

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from medaug.cli import app
 from medaug.data import DatasetFolder, fit_square, load_mask, read_manifest
 from medaug.generate import generate, job_seed
+from medaug.run_record import read_run_record
 from tests.conftest import REPO_ROOT, shared_dataset
 
 pytest_plugins = ["tests.model_folders"]  # the session's model_folder fixture
@@ -167,12 +168,8 @@ def test_edges_from_a_dataset_folder_and_a_plain_folder(model_folder, phantom_di
 
 def test_a_train_controlnet_output_folder(model_folder, phantom_dir, tmp_path):
     """The folder the real train_controlnet.py writes (not the test helper's imitation) generates."""
-    import importlib.util
+    from medaug.scripts import train_controlnet
 
-    spec = importlib.util.spec_from_file_location("train_controlnet_for_generation",
-                                                  REPO_ROOT / "train_scripts" / "train_controlnet.py")
-    train_controlnet = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_controlnet)
     run_dir = tmp_path / "controlnet-run"
     train_controlnet.main(train_controlnet.parse_args([
         "--lora_dir", str(model_folder("text")), "--train_data_dir", str(phantom_dir), "--edge_method", "fused",
@@ -290,7 +287,7 @@ def test_bad_sources_are_named_and_leave_no_output(model_folder, phantom_dir, tm
     table.loc[3, "text"] = ""
     table.to_csv(data / "metadata.csv", index=False)
     refused(r"--from_masks .*row 2, column 'mask_file_name'.*needs this row's mask_file_name", from_masks=data)
-    refused(r"--from_images .*column 'text' is empty or missing in row\(s\) 4; fill it or pass --prompt",
+    refused(r"--from_images .*column 'text' is empty in 1 row\(s\) \(rows 4\); fill it, or pass --prompt",
             model_dir=model_folder("text"), from_images=data)
 
 
@@ -298,7 +295,7 @@ def test_missing_embeddings_and_foreign_output_are_refused(model_folder, phantom
     from medaug.embeddings import load_embeddings, save_embeddings
 
     embedding_model = model_folder("embedding")
-    table = load_embeddings(json.loads((embedding_model / "medaug_args.json").read_text())["embeddings_file"])
+    table = load_embeddings(read_run_record(embedding_model).embeddings_file)
     del table["images/round_0000.png"]
     partial = save_embeddings(tmp_path / "partial.safetensors", table)
     with pytest.raises(ValueError, match="partial.safetensors: no embedding for 1 row.*images/round_0000.png"):

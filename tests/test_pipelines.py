@@ -50,10 +50,11 @@ def test_each_kind_generates_a_batch_at_the_run_resolution(kind, model_folder, p
     assert image.size == (64, 64)
 
 
-def test_text_pipeline_equals_stock_pipeline_with_the_run_applied(model_folder, one_torch_thread):
-    from medaug.finetuned import load_finetuned
+def test_text_pipeline_equals_stock_pipeline_with_the_run_applied(model_folder, tiny_model_dir, one_torch_thread):
+    from diffusers import StableDiffusionPipeline
 
-    stock, _, _ = load_finetuned(model_folder("text"))  # LoRA as adapters; MedaugPipeline fuses it
+    stock = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
+    stock.load_lora_weights(str(model_folder("text")))  # LoRA as adapters; MedaugPipeline fuses it
     expected = stock(prompt=PROMPT, num_inference_steps=2, output_type="np", guidance_scale=3.0, height=64,
                      width=64, generator=seeded()).images  # stock guides with the empty prompt
     ours = sample(MedaugPipeline.from_medaug(model_folder("text")), prompt=PROMPT, guidance_scale=3.0)

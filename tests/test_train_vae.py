@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
@@ -10,19 +9,10 @@ import numpy as np
 import pytest
 from diffusers import AutoencoderKL
 
+from medaug.scripts import finetune, train_vae
 from medaug.training.loss_log import read_loss_history
-from tests.conftest import REPO_ROOT
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "train_scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_vae = load_script("train_vae")
-finetune = load_script("finetune")
 
 
 @pytest.fixture

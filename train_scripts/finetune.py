@@ -16,8 +16,6 @@ medaug_args.json, checkpoint-N/, logs/, validation/.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import logging
 import math
 import sys
@@ -26,17 +24,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from medaug.conditioning import CONDITION_KINDS
-from medaug.data import DatasetError, DatasetFolder, MedicalImageDataset
-from medaug.embeddings import EmbeddingError
-from medaug.training.cache import DEFAULT_CACHE_DIR, TensorCache, file_identity, folder_identity
+from medaug.conditioning import CONDITION_KINDS, condition_class
+from medaug.data import DatasetError, DatasetFolder
+from medaug.embeddings import EmbeddingError, parse_shape
+from medaug.run_record import RunRecord, RunRecordError, write_run_record
+from medaug.training.base_model import check_base_flag, check_xformers, load_base, resolve_resolution
+from medaug.training.cache import DEFAULT_CACHE_DIR, TensorCache
 from medaug.training.checkpoint import (CheckpointError, load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
+from medaug.training.conditions import (batch_hidden_states, cached_features, validation_embeddings,
+                                        validation_rows)
 from medaug.training.data_order import EpochPermutationSampler, step_generator
+from medaug.training.latents import batch_latents, cached_latents, image_channels, pixel_dataset, training_rows
 from medaug.training.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
+from medaug.training.loss import diffusion_loss
 from medaug.training.loss_log import LOSS_HISTORY, LossHistory
 from medaug.training.validation import sample_images, save_grid
 
@@ -83,7 +86,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                       help="Embeddings keyed by file_name (.safetensors, .npz, .parquet) for --conditioning embedding.")
     data.add_argument("--embedding_key_column", default="file_name", help="Key column of a parquet embeddings file.")
     data.add_argument("--embedding_value_column", default="embedding", help="Value column of a parquet file.")
-    data.add_argument("--embedding_shape", default=None,
+    data.add_argument("--embedding_shape", type=parse_shape, default=None,
                       help="Reshape flat embeddings, e.g. 32,768 for ELIXR; default: as stored.")
     data.add_argument("--condition_tokens", type=int, default=4,
                       help="Tokens a vector condition (image embedding, (D,) embedding) is projected to.")
@@ -135,220 +138,28 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Flag combinations that cannot work, refused before any model is loaded."""
-    base = args.pretrained_model_name_or_path
-    looks_local = base.startswith(("/", ".", "~")) or base.count("/") > 1 or Path(base).exists()
-    if looks_local and not (Path(base).expanduser() / "model_index.json").is_file():
-        raise ValueError(f"--pretrained_model_name_or_path: {base} is not a diffusers model folder "
-                         "(no model_index.json); make one with `medaug init-model` or give a Hub name")
-    if args.conditioning == "embedding" and not args.embeddings_file:
-        raise ValueError("--embeddings_file is required with --conditioning embedding")
-    if args.train_text_encoder and args.conditioning != "text":
-        raise ValueError("--train_text_encoder only applies to --conditioning text")
+    check_base_flag(args.pretrained_model_name_or_path)
+    kind = condition_class(args.conditioning)
+    for name in kind.required_settings:
+        if getattr(args, name, None) is None:
+            raise ValueError(f"--{name} is required with --conditioning {args.conditioning}")
+    if args.train_text_encoder and not kind.uses_text_encoder:
+        raise ValueError(f"--train_text_encoder: --conditioning {args.conditioning} does not use the text encoder")
     if not 0.0 <= args.condition_dropout < 1.0:
         raise ValueError(f"--condition_dropout must be in [0, 1), got {args.condition_dropout}")
-    if args.embedding_shape:
-        args.embedding_shape = [int(part) for part in str(args.embedding_shape).split(",")]
-    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
-        raise ValueError("--enable_xformers_memory_efficient_attention: xformers is not installed "
-                         "(pip install 'medaug[xformers]', CUDA only); without the flag PyTorch SDPA is used")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# 1. Base model
-# ---------------------------------------------------------------------------------------------------------
-
-def load_base(args):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    base = args.pretrained_model_name_or_path
-    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-    if args.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    for frozen in (vae, text_encoder, unet):
-        frozen.requires_grad_(False)
-    return tokenizer, text_encoder, vae, unet, noise_scheduler
-
-
-def resolve_resolution(args, vae, unet) -> int:
-    """The training resolution, refused unless the VAE and the UNet's downsampling both divide it."""
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    if args.resolution is None:
-        return unet.config.sample_size * vae_scale
-    unet_scale = 2 ** (len(unet.config.block_out_channels) - 1)
-    step = vae_scale * unet_scale
-    if args.resolution % step:
-        raise ValueError(f"--resolution {args.resolution}: must be a multiple of {step} (VAE downsamples "
-                         f"{vae_scale}x, UNet {unet_scale}x), e.g. {max(step, args.resolution // step * step)}")
-    return args.resolution
-
-
-# ---------------------------------------------------------------------------------------------------------
-# 2. Data: rows, latents and condition features (cached)
-# ---------------------------------------------------------------------------------------------------------
-
-def training_rows(folder: DatasetFolder, split: str, max_samples: int | None) -> list[int]:
-    rows = folder.indices(split)
-    return rows[:max_samples] if max_samples else rows
-
-
-def pixel_dataset(args, folder, rows, resolution) -> MedicalImageDataset:
-    """The training rows as [-1, 1] RGB tensors; building it checks every file."""
-    dataset = MedicalImageDataset(folder, split=args.split, resolution=resolution, channels=3, fit=args.fit)
-    dataset.indices = rows
-    return dataset
-
-
-def encode_latents(vae, dataset: MedicalImageDataset, positions: list[int]) -> dict[str, torch.Tensor]:
-    """Mean and std of the VAE posterior of the dataset items at `positions`."""
-    pixels = torch.stack([dataset[i]["pixel_values"] for i in positions])
-    with torch.no_grad():
-        distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return {"mean": distribution.mean.float().cpu(), "std": distribution.std.float().cpu()}
-
-
-def encode_all_latents(vae, dataset: MedicalImageDataset, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    parts = [encode_latents(vae, dataset, list(range(start, min(start + batch_size, len(dataset)))))
-             for start in tqdm(range(0, len(dataset), batch_size), desc="encoding latents", leave=False)]
-    return {key: torch.cat([part[key] for part in parts]) for key in ("mean", "std")}
-
-
-def cached_latents(args, vae, folder, rows, dataset, cache: TensorCache, accelerator) -> dict[str, torch.Tensor] | None:
-    """Latent distributions of every training row, from the cache or computed once; None with --no_cache."""
-    if args.no_cache:
-        return None
-    resolution = dataset.resolution
-    key = {"kind": "latents-v1", "vae": folder_identity(Path(args.pretrained_model_name_or_path) / "vae"),
-           "resolution": resolution, "fit": args.fit,
-           "rows": [(file_identity(folder.path(i, "file_name")), folder.value(i, "slice_index")) for i in rows]}
-    with accelerator.main_process_first():
-        return cache.load_or_compute("latents", key, lambda: encode_all_latents(vae, dataset),
-                                     write=accelerator.is_main_process)
-
-
-def build_condition(args, tokenizer, text_encoder, cross_attention_dim):
-    """The condition object of --conditioning (with a new projection where the kind has one)."""
-    return CONDITION_KINDS[args.conditioning].build(
-        base=args.pretrained_model_name_or_path, cross_attention_dim=cross_attention_dim, tokenizer=tokenizer,
-        text_encoder=text_encoder, caption_column=args.caption_column, reference_column=args.reference_column,
-        image_encoder_path=args.image_encoder_name_or_path, embeddings_file=args.embeddings_file,
-        embedding_key_column=args.embedding_key_column, embedding_value_column=args.embedding_value_column,
-        embedding_shape=tuple(args.embedding_shape) if args.embedding_shape else None,
-        condition_tokens=args.condition_tokens)
-
-
-def compute_features(condition, inputs, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
-    chunks = []
-    for start in tqdm(range(0, len(inputs), batch_size), desc="encoding conditions", leave=False,
-                      disable=not progress):
-        with torch.no_grad():
-            chunks.append(condition.features(inputs[start:start + batch_size]).float().cpu())
-    return torch.cat(chunks)
-
-
-def cached_features(args, condition, inputs, cache: TensorCache, accelerator) -> torch.Tensor | None:
-    """Frozen condition features per row, or None to encode each batch (--no_cache, text-encoder LoRA)."""
-    if args.train_text_encoder or args.no_cache:
-        return None
-    if condition.cache_sources is None:
-        return compute_features(condition, inputs)  # precomputed already: nothing worth caching
-    key = {"kind": f"{condition.kind}-features-v1",
-           "sources": [folder_identity(path) for path in condition.cache_sources],
-           "inputs": condition.input_identity(inputs)}
-    with accelerator.main_process_first():
-        return cache.load_or_compute(f"{condition.kind}-features", key,
-                                     lambda: {"features": compute_features(condition, inputs)},
-                                     write=accelerator.is_main_process)["features"]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# 6. One training step's loss
-# ---------------------------------------------------------------------------------------------------------
-
-def diffusion_loss(args, predict, noise_scheduler, latents, hidden_states, generator) -> torch.Tensor:
-    """The denoising loss of `predict(noisy_latents, timesteps, hidden_states)` (the UNet, or the UNet with a
-    ControlNet's residuals) on fresh noise and timesteps drawn from `generator`."""
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    if args.noise_offset:
-        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
-                                                 generator=generator).to(latents.device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator).to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    else:
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    prediction = predict(noisy, timesteps, hidden_states)
-    if args.snr_gamma is None:
-        return F.mse_loss(prediction.float(), target.float())
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.clamp(snr, max=args.snr_gamma) / snr
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        weights = torch.clamp(snr, max=args.snr_gamma) / (snr + 1)
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
-
-
-def batch_latents(latents, vae, dataset, indices, generator, scaling_factor, random_flip, device):
-    """Scaled latents of a batch, drawn from cached posteriors or (without a cache) encoded now."""
-    if latents is None:
-        posterior = encode_latents(vae, dataset, indices.tolist())
-    else:
-        posterior = {key: value[indices] for key, value in latents.items()}
-    mean, std = posterior["mean"], posterior["std"]
-    sample = mean + std * torch.randn(mean.shape, generator=generator)
-    if random_flip:
-        flip = torch.rand(sample.shape[0], generator=generator) < 0.5
-        sample[flip] = sample[flip].flip(-1)
-    return (sample * scaling_factor).to(device)
-
-
-def batch_hidden_states(args, condition, features, inputs, indices, generator, device, dtype):
-    if features is not None:
-        batch_features = features[indices].to(device)
-    elif args.train_text_encoder:  # gradients must flow into the text encoder
-        batch_features = condition.features([inputs[i] for i in indices.tolist()])
-    else:
-        batch_features = compute_features(condition, [inputs[i] for i in indices.tolist()],
-                                          progress=False).to(device)
-    hidden = condition.hidden_states(batch_features.to(dtype) if condition.projection is None else batch_features)
-    if args.condition_dropout > 0:
-        drop = (torch.rand(hidden.shape[0], generator=generator) < args.condition_dropout).to(device)
-        unconditional = condition.unconditional_embedding(hidden.shape[0]).to(hidden.dtype)
-        hidden = torch.where(drop[:, None, None], unconditional, hidden)
-    return hidden
+    check_xformers(args.enable_xformers_memory_efficient_attention)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Validation and saving
 # ---------------------------------------------------------------------------------------------------------
 
-def validation_embeddings(args, condition, folder, accelerator):
-    """Condition embeddings for validation images: --validation_prompt, else the first val (or train) rows."""
-    if condition.kind == "text" and args.validation_prompt:
-        inputs = [args.validation_prompt] * args.num_validation_images
-    else:
-        split = "val" if any(folder.split(i) == "val" for i in range(len(folder))) else args.split
-        inputs = condition.inputs(folder, folder.indices(split)[: args.num_validation_images])
-    features = compute_features(condition, inputs).to(accelerator.device)
-    with torch.no_grad():
-        hidden = condition.hidden_states(features)
-        negative = condition.unconditional_embedding(hidden.shape[0]).to(hidden.dtype)
-    return hidden, negative
-
-
 def log_validation(args, step, condition, folder, vae, unet, text_encoder, tokenizer, resolution, accelerator):
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
-    hidden, negative = validation_embeddings(args, condition, folder, accelerator)
+    rows = validation_rows(folder, args.split, args.num_validation_images)
+    hidden, negative = validation_embeddings(condition, folder, rows, accelerator.device, args.validation_prompt)
     with accelerator.autocast():
         images = sample_images(vae, accelerator.unwrap_model(unet), scheduler, hidden, negative,
                                args.validation_inference_steps, args.validation_guidance_scale, resolution,
@@ -361,7 +172,7 @@ def log_validation(args, step, condition, folder, vae, unet, text_encoder, token
     return path
 
 
-def save_outputs(args, accelerator, unet, text_encoder, condition, resolution, scaling_factor):
+def save_outputs(args, accelerator, unet, text_encoder, condition, record: RunRecord):
     output_dir = Path(args.output_dir)
     unet = accelerator.unwrap_model(unet)
     if args.train_mode == "lora":
@@ -371,11 +182,20 @@ def save_outputs(args, accelerator, unet, text_encoder, condition, resolution, s
     if condition.projection is not None:
         accelerator.unwrap_model(condition.projection).save_pretrained(output_dir / "condition_encoder",
                                                                        safe_serialization=True)
-    base = Path(args.pretrained_model_name_or_path).expanduser()
-    record = dict(vars(args), resolution=resolution, vae_scaling_factor=scaling_factor,
-                  num_processes=accelerator.num_processes,
-                  base_model=str(base.resolve()) if base.is_dir() else args.pretrained_model_name_or_path)
-    (output_dir / "medaug_args.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_run_record(output_dir, record)
+
+
+def run_record(args, settings: dict, resolution: int, channels: int, scaling_factor: float, global_step: int,
+               accelerator) -> RunRecord:
+    """What this run's folder is, for generation and for the reader of its model card."""
+    return RunRecord(
+        base_model=args.pretrained_model_name_or_path, resolution=resolution, script="finetune",
+        conditioning=args.conditioning, condition_settings=settings, unet_train_mode=args.train_mode,
+        rank=args.rank if args.train_mode == "lora" else None, train_text_encoder=args.train_text_encoder,
+        fit=args.fit, channels=channels, prediction_type=args.prediction_type, vae_scaling_factor=scaling_factor,
+        train_data_dir=str(Path(args.train_data_dir).resolve()), split=args.split, steps=global_step,
+        seed=args.seed, num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
+        arguments=vars(args))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -404,10 +224,15 @@ def main(args: argparse.Namespace) -> dict:
     # 1. Load the base model; check the data folder before anything slow.
     folder = DatasetFolder(args.train_data_dir)
     rows = training_rows(folder, args.split, args.max_train_samples)
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_base(args)
-    resolution = resolve_resolution(args, vae, unet)
+    channels = image_channels(folder, rows)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_base(args.pretrained_model_name_or_path,
+                                                                    args.prediction_type)
+    resolution = resolve_resolution(args.resolution, vae, unet)
     torch.manual_seed(args.seed)  # new projections start the same in every run of this seed
-    condition = build_condition(args, tokenizer, text_encoder, unet.config.cross_attention_dim)
+    kind = condition_class(args.conditioning)
+    settings = kind.settings_from(vars(args))
+    condition = kind.build(args.pretrained_model_name_or_path, unet.config.cross_attention_dim, tokenizer,
+                           text_encoder, settings)
     inputs = condition.inputs(folder, rows)  # checks every row's prompt, reference image or embedding
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
@@ -418,9 +243,12 @@ def main(args: argparse.Namespace) -> dict:
 
     # 2. Latents and condition features, cached across epochs and runs.
     cache = TensorCache(args.cache_dir)
-    dataset = pixel_dataset(args, folder, rows, resolution)
-    latents = cached_latents(args, vae, folder, rows, dataset, cache, accelerator)
-    features = cached_features(args, condition, inputs, cache, accelerator)
+    dataset = pixel_dataset(folder, args.split, rows, resolution, args.fit)
+    latents = None if args.no_cache else cached_latents(vae, Path(args.pretrained_model_name_or_path) / "vae",
+                                                        dataset, args.fit, cache, accelerator)
+    # A text encoder that trains changes its features every step: nothing to cache then.
+    features = (None if args.no_cache or args.train_text_encoder
+                else cached_features(condition, inputs, cache, accelerator))
     resume_path = (resolve_checkpoint(output_dir, args.resume_from_checkpoint)
                    if args.resume_from_checkpoint else None)
 
@@ -494,10 +322,12 @@ def main(args: argparse.Namespace) -> dict:
             with accelerator.accumulate(*modules):
                 model_latents = batch_latents(latents, vae, dataset, indices.cpu(), generator, scaling_factor,
                                               args.random_flip, accelerator.device).to(weight_dtype)
-                hidden = batch_hidden_states(args, condition, features, inputs, indices.cpu(), generator,
-                                             accelerator.device, weight_dtype)
-                loss = diffusion_loss(args, lambda noisy, t, h: unet(noisy, t, h).sample, noise_scheduler,
-                                      model_latents, hidden.to(weight_dtype), generator)
+                hidden = batch_hidden_states(condition, features, inputs, indices.cpu(), generator,
+                                             accelerator.device, weight_dtype, args.condition_dropout,
+                                             encode_with_grad=args.train_text_encoder)
+                loss = diffusion_loss(lambda noisy, t, h: unet(noisy, t, h).sample, noise_scheduler,
+                                      model_latents, hidden.to(weight_dtype), generator, args.noise_offset,
+                                      args.snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
@@ -529,7 +359,8 @@ def main(args: argparse.Namespace) -> dict:
     # 7. Save the output folder.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_outputs(args, accelerator, unet, text_encoder, condition, resolution, scaling_factor)
+        record = run_record(args, settings, resolution, channels, scaling_factor, global_step, accelerator)
+        save_outputs(args, accelerator, unet, text_encoder, condition, record)
     accelerator.end_training()
     return {"global_step": global_step, "losses": losses, "computed": list(cache.computed),
             "resolution": resolution, "output_dir": str(output_dir), "train_seconds": train_seconds,
@@ -539,6 +370,6 @@ def main(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (DatasetError, EmbeddingError, CheckpointError, ValueError, FileNotFoundError) as error:
+    except (DatasetError, EmbeddingError, CheckpointError, RunRecordError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

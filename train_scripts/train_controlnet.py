@@ -11,7 +11,7 @@ made from each row's image/mask with --edge_method, after fitting to the trainin
 --conditioning_image_column (as `medaug edges` writes). --controlnet_train_mode lora trains LoRA adapters on the
 copied encoder plus the ControlNet's own new layers (conditioning embedding and zero convolutions) instead of
 every weight. Conditions, condition dropout, latent/feature caching, resume and mixed precision work as in
-finetune.py, whose phase functions this script reuses.
+finetune.py, through the same helpers of medaug.training.
 
 Phases: 1 load the base (and --lora_dir), 2 data (latents, condition features, edge maps), 3 the ControlNet,
 4 optimizer, 5 resume, 6 train, 7 save: controlnet/ (stock `ControlNetModel.from_pretrained` loads it), a copy
@@ -21,7 +21,6 @@ of the --lora_dir weights and condition_encoder/, medaug_args.json, checkpoint-N
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import shutil
@@ -33,31 +32,29 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import finetune  # noqa: E402  (the shared phases: base loading, caches, conditions, loss)
-
-from medaug.conditioning import CONDITION_KINDS, load_projection  # noqa: E402
-from medaug.data import DatasetError, DatasetFolder  # noqa: E402
-from medaug.edges import EDGE_METHODS, MASK_METHODS, row_control_image  # noqa: E402
-from medaug.embeddings import EmbeddingError  # noqa: E402
-from medaug.finetuned import read_run_args  # noqa: E402
-from medaug.training.cache import DEFAULT_CACHE_DIR, TensorCache  # noqa: E402
-from medaug.training.checkpoint import (CheckpointError, load_checkpoint, prune_checkpoints,  # noqa: E402
-                                        resolve_checkpoint, save_checkpoint)
-from medaug.training.data_order import EpochPermutationSampler, step_generator  # noqa: E402
-from medaug.training.lora import LORA_WEIGHTS_NAME, UNET_TARGETS, add_lora  # noqa: E402
-from medaug.training.loss_log import LOSS_HISTORY, LossHistory  # noqa: E402
-from medaug.training.validation import sample_images, save_grid  # noqa: E402
+from medaug.conditioning import CONDITION_KINDS, condition_class, load_projection
+from medaug.data import DatasetError, DatasetFolder
+from medaug.edges import EDGE_METHODS, MASK_METHODS, row_control_image
+from medaug.embeddings import EmbeddingError, parse_shape
+from medaug.run_loader import apply_run_weights
+from medaug.run_record import RunRecord, RunRecordError, read_run_record, write_run_record
+from medaug.training.base_model import check_base_flag, check_xformers, load_base, resolve_resolution
+from medaug.training.cache import DEFAULT_CACHE_DIR, TensorCache
+from medaug.training.checkpoint import (CheckpointError, load_checkpoint, prune_checkpoints, resolve_checkpoint,
+                                        save_checkpoint)
+from medaug.training.conditions import (batch_hidden_states, cached_features, validation_embeddings,
+                                        validation_rows)
+from medaug.training.data_order import EpochPermutationSampler, step_generator
+from medaug.training.latents import batch_latents, cached_latents, image_channels, pixel_dataset, training_rows
+from medaug.training.lora import LORA_WEIGHTS_NAME, UNET_TARGETS, add_lora
+from medaug.training.loss import diffusion_loss
+from medaug.training.loss_log import LOSS_HISTORY, LossHistory
+from medaug.training.validation import sample_images, save_grid
 
 logger = logging.getLogger("medaug.controlnet")
 # ControlNet's conditioning embedding downsamples once per entry after the first; take as many entries as the
 # VAE downsamples in powers of two (2 for a two-level VAE, 4 for Stable Diffusion's).
 CONDITIONING_CHANNELS = (16, 32, 96, 256)
-# Condition flags a --lora_dir run fixes: they default to the run's values and may not contradict them.
-CONDITION_FLAGS = {"conditioning": "text", "caption_column": "text", "reference_column": None,
-                   "image_encoder_name_or_path": None, "embeddings_file": None, "embedding_key_column": "file_name",
-                   "embedding_value_column": "embedding", "embedding_shape": None, "condition_tokens": 4,
-                   "fit": "pad"}
 CONFIGURATION_KEYS = ("pretrained_model_name_or_path", "lora_dir", "conditioning", "controlnet_train_mode", "rank",
                       "edge_method", "condition_tokens", "train_batch_size", "gradient_accumulation_steps", "seed")
 
@@ -101,7 +98,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--embeddings_file", default=None)
     data.add_argument("--embedding_key_column", default=None)
     data.add_argument("--embedding_value_column", default=None)
-    data.add_argument("--embedding_shape", default=None)
+    data.add_argument("--embedding_shape", type=parse_shape, default=None)
     data.add_argument("--condition_tokens", type=int, default=None)
     data.add_argument("--condition_dropout", type=float, default=0.1,
                       help="Probability of replacing a condition by the unconditional embedding (the edge map "
@@ -140,33 +137,41 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     validation.add_argument("--controlnet_conditioning_scale", type=float, default=1.0)
     args = parser.parse_args(input_args)
     resolve_condition_flags(args)
-    args.train_text_encoder = False  # finetune.py's phases ask; a ControlNet run never trains the text encoder
-    finetune.check_flags(args)
+    check_base_flag(args.pretrained_model_name_or_path)
+    for name in condition_class(args.conditioning).required_settings:
+        if getattr(args, name, None) is None:
+            raise ValueError(f"--{name} is required with --conditioning {args.conditioning}")
+    if not 0.0 <= args.condition_dropout < 1.0:
+        raise ValueError(f"--condition_dropout must be in [0, 1), got {args.condition_dropout}")
+    check_xformers(args.enable_xformers_memory_efficient_attention)
     return args
 
 
 def resolve_condition_flags(args: argparse.Namespace) -> None:
-    """Fill the base model and condition flags from --lora_dir's run, refusing ones that contradict it."""
-    run = read_run_args(args.lora_dir) if args.lora_dir else {}
-    if args.lora_dir:
-        if args.pretrained_model_name_or_path is None:
-            args.pretrained_model_name_or_path = run["base_model"]
-        elif not same_model(args.pretrained_model_name_or_path, run["base_model"]):
-            raise ValueError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} differs from "
-                             f"the base of --lora_dir ({run['base_model']}); leave it out to use that base")
-        if args.resolution is None:
-            args.resolution = run.get("resolution")
-    elif args.pretrained_model_name_or_path is None:
-        raise ValueError("give --pretrained_model_name_or_path or --lora_dir")
-    for flag, default in CONDITION_FLAGS.items():
-        given, from_run = getattr(args, flag), run.get(flag, default)
-        if args.lora_dir and given is not None and str(given) != str(from_run) and flag != "embeddings_file":
-            raise ValueError(f"--{flag} {given}: --lora_dir was trained with {from_run!r}; leave the flag out")
-        setattr(args, flag, given if given is not None else from_run)
-    if args.embedding_shape is not None and not isinstance(args.embedding_shape, str):
-        args.embedding_shape = ",".join(map(str, args.embedding_shape))
+    """Fill the base model, resolution and condition flags from --lora_dir's run record, refusing flags that
+    contradict it; without --lora_dir, the defaults."""
     if args.edge_method is None and args.conditioning_image_column is None:
         raise ValueError("give --edge_method or --conditioning_image_column")
+    if not args.lora_dir:
+        if args.pretrained_model_name_or_path is None:
+            raise ValueError("give --pretrained_model_name_or_path or --lora_dir")
+        args.conditioning, args.fit = args.conditioning or "text", args.fit or "pad"
+        return
+    record = read_run_record(args.lora_dir)
+    if args.pretrained_model_name_or_path is None:
+        args.pretrained_model_name_or_path = record.base_model
+    elif not same_model(args.pretrained_model_name_or_path, record.base_model):
+        raise ValueError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} differs from "
+                         f"the base of --lora_dir ({record.base_model}); leave it out to use that base")
+    if args.resolution is None:
+        args.resolution = record.resolution
+    fixed = {"conditioning": record.conditioning, "fit": record.fit} | record.condition_settings
+    for flag, from_run in fixed.items():
+        given = getattr(args, flag, None)
+        # The embeddings file may move; what it holds is checked against the run's condition encoder.
+        if given is not None and str(given) != str(from_run) and flag != "embeddings_file":
+            raise ValueError(f"--{flag} {given}: --lora_dir was trained with {from_run!r}; leave the flag out")
+        setattr(args, flag, given if given is not None else from_run)
 
 
 def same_model(first: str, second: str) -> bool:
@@ -178,22 +183,6 @@ def same_model(first: str, second: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # 1. Base model, with --lora_dir applied
 # ---------------------------------------------------------------------------------------------------------
-
-def apply_finetuned(lora_dir: Path, tokenizer, text_encoder, vae, unet, noise_scheduler):
-    """The UNet and text encoder of a finetune.py output folder: its full UNet, or its LoRA fused in."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-
-    if (lora_dir / "unet").is_dir():
-        unet = UNet2DConditionModel.from_pretrained(lora_dir / "unet").requires_grad_(False)
-    if (lora_dir / LORA_WEIGHTS_NAME).is_file():
-        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                           scheduler=noise_scheduler, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
-        pipeline.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS_NAME)
-        pipeline.fuse_lora()
-        pipeline.unload_lora_weights()  # after fusing, the merged weights stay
-    return text_encoder, unet
-
 
 def build_controlnet(args, unet, vae):
     from diffusers import ControlNetModel
@@ -256,18 +245,13 @@ def batch_control(args, control, folder, rows, indices, resolution, device, dtyp
 # Validation and saving
 # ---------------------------------------------------------------------------------------------------------
 
-def validation_rows(args, folder) -> list[int]:
-    split = "val" if any(folder.split(i) == "val" for i in range(len(folder))) else args.split
-    return folder.indices(split)[: args.num_validation_images]
-
-
 def log_validation(args, step, condition, folder, vae, unet, controlnet, text_encoder, tokenizer, resolution,
                    accelerator):
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
-    hidden, negative = finetune.validation_embeddings(args, condition, folder, accelerator)
-    rows = validation_rows(args, folder)
+    rows = validation_rows(folder, args.split, args.num_validation_images)
+    hidden, negative = validation_embeddings(condition, folder, rows, accelerator.device, args.validation_prompt)
     control = control_images(args, folder, rows, resolution, progress=False).float() / 255.0
     count = min(len(rows), hidden.shape[0])
     with accelerator.autocast():
@@ -295,7 +279,7 @@ def save_controlnet(controlnet, path: Path, train_mode: str) -> None:
     controlnet.save_pretrained(path, safe_serialization=True)
 
 
-def save_outputs(args, accelerator, controlnet, condition, projection_trained, resolution, scaling_factor):
+def save_outputs(args, accelerator, controlnet, condition, projection_trained, record: RunRecord):
     """controlnet/, the condition encoder and --lora_dir's weights (so the folder is all generation needs)."""
     output_dir = Path(args.output_dir)
     save_controlnet(accelerator.unwrap_model(controlnet), output_dir / "controlnet", args.controlnet_train_mode)
@@ -308,12 +292,25 @@ def save_outputs(args, accelerator, controlnet, condition, projection_trained, r
             shutil.copyfile(lora_dir / LORA_WEIGHTS_NAME, output_dir / LORA_WEIGHTS_NAME)
         if (lora_dir / "unet").is_dir():
             shutil.copytree(lora_dir / "unet", output_dir / "unet", dirs_exist_ok=True)
-    base = Path(args.pretrained_model_name_or_path).expanduser()
-    record = dict(vars(args), resolution=resolution, vae_scaling_factor=scaling_factor, controlnet=True,
-                  num_processes=accelerator.num_processes,
-                  embeddings_file=str(Path(args.embeddings_file).resolve()) if args.embeddings_file else None,
-                  base_model=str(base.resolve()) if base.is_dir() else args.pretrained_model_name_or_path)
-    (output_dir / "medaug_args.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_run_record(output_dir, record)
+
+
+def run_record(args, settings: dict, resolution: int, channels: int, scaling_factor: float, global_step: int,
+               accelerator) -> RunRecord:
+    """The ControlNet run's record; the UNet is as --lora_dir left it (copied into this folder)."""
+    tuned = read_run_record(args.lora_dir) if args.lora_dir else None
+    return RunRecord(
+        base_model=args.pretrained_model_name_or_path, resolution=resolution, script="train_controlnet",
+        conditioning=args.conditioning, condition_settings=settings,
+        unet_train_mode=tuned.unet_train_mode if tuned else "frozen", rank=tuned.rank if tuned else None,
+        train_text_encoder=tuned.train_text_encoder if tuned else False, fit=args.fit, channels=channels,
+        prediction_type=args.prediction_type, vae_scaling_factor=scaling_factor, controlnet=True,
+        controlnet_train_mode=args.controlnet_train_mode, edge_method=args.edge_method,
+        conditioning_image_column=None if args.edge_method else args.conditioning_image_column,
+        lora_dir=str(Path(args.lora_dir).resolve()) if args.lora_dir else None,
+        train_data_dir=str(Path(args.train_data_dir).resolve()), split=args.split, steps=global_step,
+        seed=args.seed, num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
+        arguments=vars(args))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,15 +336,19 @@ def main(args: argparse.Namespace) -> dict:
 
     # 1. Base model with --lora_dir applied; the data folder and edge sources are checked first.
     folder = DatasetFolder(args.train_data_dir)
-    rows = finetune.training_rows(folder, args.split, args.max_train_samples)
+    rows = training_rows(folder, args.split, args.max_train_samples)
     check_edge_source(args, folder, rows)
-    tokenizer, text_encoder, vae, unet, noise_scheduler = finetune.load_base(args)
+    channels = image_channels(folder, rows)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_base(args.pretrained_model_name_or_path,
+                                                                    args.prediction_type)
     if args.lora_dir:
-        text_encoder, unet = apply_finetuned(Path(args.lora_dir), tokenizer, text_encoder, vae, unet,
-                                             noise_scheduler)
-    resolution = finetune.resolve_resolution(args, vae, unet)
+        unet, text_encoder = apply_run_weights(args.lora_dir, tokenizer, text_encoder, vae, unet, noise_scheduler)
+    resolution = resolve_resolution(args.resolution, vae, unet)
     torch.manual_seed(args.seed)
-    condition = finetune.build_condition(args, tokenizer, text_encoder, unet.config.cross_attention_dim)
+    kind = condition_class(args.conditioning)
+    settings = kind.settings_from(vars(args))
+    condition = kind.build(args.pretrained_model_name_or_path, unet.config.cross_attention_dim, tokenizer,
+                           text_encoder, settings)
     projection_trained = condition.projection is not None and not (
         args.lora_dir and (Path(args.lora_dir) / "condition_encoder").is_dir())
     if condition.projection is not None and not projection_trained:
@@ -366,9 +367,10 @@ def main(args: argparse.Namespace) -> dict:
 
     # 2. Latents, condition features (cached as finetune.py does) and edge maps (made once per run).
     cache = TensorCache(args.cache_dir)
-    dataset = finetune.pixel_dataset(args, folder, rows, resolution)
-    latents = finetune.cached_latents(args, vae, folder, rows, dataset, cache, accelerator)
-    features = finetune.cached_features(args, condition, inputs, cache, accelerator)
+    dataset = pixel_dataset(folder, args.split, rows, resolution, args.fit)
+    latents = None if args.no_cache else cached_latents(vae, Path(args.pretrained_model_name_or_path) / "vae",
+                                                        dataset, args.fit, cache, accelerator)
+    features = None if args.no_cache else cached_features(condition, inputs, cache, accelerator)
     control = None if args.no_cache else control_images(args, folder, rows, resolution)
     resume_path = (resolve_checkpoint(output_dir, args.resume_from_checkpoint)
                    if args.resume_from_checkpoint else None)
@@ -434,10 +436,10 @@ def main(args: argparse.Namespace) -> dict:
             generator = step_generator(args.seed, micro_step, accelerator.process_index)
             micro_step += 1
             with accelerator.accumulate(*modules):
-                model_latents = finetune.batch_latents(latents, vae, dataset, indices, generator, scaling_factor,
-                                                       False, accelerator.device).to(weight_dtype)
-                hidden = finetune.batch_hidden_states(args, condition, features, inputs, indices, generator,
-                                                      accelerator.device, weight_dtype).to(weight_dtype)
+                model_latents = batch_latents(latents, vae, dataset, indices, generator, scaling_factor, False,
+                                              accelerator.device).to(weight_dtype)
+                hidden = batch_hidden_states(condition, features, inputs, indices, generator, accelerator.device,
+                                             weight_dtype, args.condition_dropout).to(weight_dtype)
                 edges = batch_control(args, control, folder, rows, indices, resolution, accelerator.device,
                                       weight_dtype)
 
@@ -448,7 +450,8 @@ def main(args: argparse.Namespace) -> dict:
                                 down_block_additional_residuals=[r.to(weight_dtype) for r in down],
                                 mid_block_additional_residual=mid.to(weight_dtype)).sample
 
-                loss = finetune.diffusion_loss(args, predict, noise_scheduler, model_latents, hidden, generator)
+                loss = diffusion_loss(predict, noise_scheduler, model_latents, hidden, generator, args.noise_offset,
+                                      args.snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
@@ -480,7 +483,8 @@ def main(args: argparse.Namespace) -> dict:
     # 7. Save the output folder.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_outputs(args, accelerator, controlnet, condition, projection_trained, resolution, scaling_factor)
+        record = run_record(args, settings, resolution, channels, scaling_factor, global_step, accelerator)
+        save_outputs(args, accelerator, controlnet, condition, projection_trained, record)
     accelerator.end_training()
     return {"global_step": global_step, "losses": losses, "computed": list(cache.computed),
             "resolution": resolution, "output_dir": str(output_dir), "train_seconds": train_seconds,
@@ -490,6 +494,6 @@ def main(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (DatasetError, EmbeddingError, CheckpointError, ValueError, FileNotFoundError) as error:
+    except (DatasetError, EmbeddingError, CheckpointError, RunRecordError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -33,7 +33,7 @@ def embed_command(
 ) -> None:
     """Compute image embeddings with a local vision model, or import precomputed ones, keyed by file_name."""
     from medaug.data import DatasetError, DatasetFolder
-    from medaug.embeddings import EmbeddingError, import_embeddings, save_embeddings
+    from medaug.embeddings import EmbeddingError, import_embeddings, parse_shape, save_embeddings
 
     if (model_path is None) == (import_file is None):
         fail("give exactly one of --model_path (compute) or --import_file (import)")
@@ -45,7 +45,7 @@ def embed_command(
         if import_file is not None:
             if not folder.has_column(match_column):
                 fail(f"--match_column: column '{match_column}' not in {folder.metadata_path}")
-            parsed_shape = tuple(int(part) for part in shape.split(",")) if shape else None
+            parsed_shape = tuple(parse_shape(shape)) if shape else None
             keys = {folder.value(i, "file_name"): folder.value(i, match_column) for i in rows}
             embeddings = import_embeddings(keys, import_file, key_column, value_column, parsed_shape)
         else:

@@ -50,6 +50,9 @@ def generate_command(
         "--overwrite", help="Remove what an earlier generate run wrote in --output_dir and start again.")] = False,
     max_sources: Annotated[Optional[int], typer.Option(
         "--max_sources", min=1, help="Use only the first N source rows (debugging).")] = None,
+    base_model: Annotated[Optional[str], typer.Option(
+        "--base_model", help="Where the run's base model is now (a folder or a Hub name), when it moved since "
+                             "training; default: what the run folder records.")] = None,
 ) -> None:
     """Generate images (with the masks they were made for) into a dataset folder with a provenance manifest.
 
@@ -70,7 +73,7 @@ def generate_command(
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                 controlnet_conditioning_scale=controlnet_conditioning_scale, scheduler=scheduler, seed=seed,
                 batch_size=batch_size, resolution=resolution, resume=resume, overwrite=overwrite,
-                max_sources=max_sources, on_start=lambda jobs: bar.update(task, total=jobs),
+                max_sources=max_sources, base_model=base_model, on_start=lambda jobs: bar.update(task, total=jobs),
                 progress=lambda n: bar.advance(task, n))
         except (ValueError, FileNotFoundError, FileExistsError) as error:  # DatasetError, EmbeddingError too
             fail(str(error))

@@ -3,7 +3,7 @@
 The folder has the layout of a Hub Stable Diffusion model (`vae/ unet/ text_encoder/ tokenizer/ scheduler/`,
 plus `image_encoder/` and `feature_extractor/` for image prompts), so `StableDiffusionPipeline.from_pretrained`
 loads it and every medaug script treats it as it would a pretrained base. The weights are random: these
-models must be trained (`train_scripts/train_vae.py`, then `finetune.py --train_mode full`) before use.
+models must be trained (the `train_vae` script, then `finetune --train_mode full`; see medaug.scripts) before use.
 """
 
 from __future__ import annotations
