@@ -196,9 +196,19 @@ With stock diffusers alone:
 ```python
 {load}
 ```
-
+{_condition_note(record)}
 `medaug_args.json` holds the full record (version {record.version}) and every flag of the run.
 """
+
+
+def _condition_note(record: RunRecord) -> str:
+    from medaug.conditioning import condition_class
+
+    if condition_class(record.conditioning).argument == "prompt":
+        return ""
+    return ("\nThe stock pipeline encodes text only: give it `prompt_embeds=projection(features)` and "
+            "`negative_prompt_embeds=projection.unconditional_embedding(batch)`, with\n"
+            "`projection = medaug.conditioning.ConditionProjection.from_pretrained(\"RUN/condition_encoder\")`.\n")
 
 
 def _stock_loading(record: RunRecord) -> str:
