@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medaug.report import STYLE, png_data_uri
+from medaug.report import STYLE, outlined, png_data_uri
 
 THUMBNAIL = 128
 PAIRS_SHOWN = 8
@@ -25,21 +25,8 @@ img.wide { max-width: 100%; image-rendering: pixelated; }
 """
 
 
-def outlined(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """(R, R, 3) grey thumbnail with the mask's boundary drawn in red."""
-    from medaug.data import fit_square
-    from medaug.edges import mask_boundary
-
-    grey = fit_square(image, THUMBNAIL, "pad")
-    rgb = np.repeat(grey[:, :, :1], 3, axis=2).copy()
-    if mask is not None:
-        edge = mask_boundary(fit_square(mask.astype(np.uint8), THUMBNAIL, "pad", nearest=True)) > 0
-        rgb[edge] = (1.0, 0.15, 0.15)
-    return rgb
-
-
 def _figure(image: np.ndarray, mask: np.ndarray | None, caption: str) -> str:
-    return (f'<img src="{png_data_uri(outlined(image, mask))}" alt="{html.escape(caption)}" '
+    return (f'<img src="{png_data_uri(outlined(image, mask, THUMBNAIL))}" alt="{html.escape(caption)}" '
             f'title="{html.escape(caption)}">')
 
 

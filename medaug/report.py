@@ -45,6 +45,20 @@ def png_data_uri(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def outlined(image: np.ndarray, mask: np.ndarray | None, size: int = 128,
+             prediction: np.ndarray | None = None) -> np.ndarray:
+    """(size, size, 3) grey thumbnail with the mask's boundary in red and a predicted mask's in cyan."""
+    from medaug.edges import mask_boundary
+
+    grey = fit_square(image, size, "pad")
+    rgb = np.repeat(grey[:, :, :1], 3, axis=2).copy()
+    for outline, colour in ((prediction, (0.1, 0.9, 0.9)), (mask, (1.0, 0.15, 0.15))):
+        if outline is not None:
+            edge = mask_boundary(fit_square(outline.astype(np.uint8), size, "pad", nearest=True)) > 0
+            rgb[edge] = colour
+    return rgb
+
+
 def _thumbnail(image_set, position: int, channels: int, size: int) -> str:
     return png_data_uri(fit_square(image_set.load(position, channels), size, "pad"))
 
@@ -121,6 +135,33 @@ def _pairs(memorisation: dict, real, synthetic, channels: int, size: int) -> str
     return "".join(cells) + tail
 
 
+def fidelity_section(fidelity: dict | None, figure_png: Path | None, worst: list[tuple[str, np.ndarray]]) -> str:
+    """Label fidelity: the numbers, the distribution of per-pair Dice, and the pairs that show their mask worst."""
+    if fidelity is None or "skipped" in fidelity:
+        reason = fidelity["skipped"] if fidelity else "not computed"
+        return f'<h2>Label fidelity</h2><p class="note">Not scored: {html.escape(reason)}.</p>'
+    rows = [["synthetic Dice (each image against its own mask)", _number(fidelity["synthetic_dice"]),
+             f"{fidelity['pairs']} pairs with a lesion; {fidelity['empty_mask_pairs']} with an empty mask left out"],
+            ["real Dice (real test images)", _number(fidelity["real_dice"]), f"{fidelity['real_pairs']} images"],
+            ["ratio", _number(fidelity["ratio"]), "about 1: generated pairs are as readable as real ones"],
+            ["share of pairs above Dice 0.5", f"{fidelity['share_above_0_5']:.1%}", ""]]
+    figure = ""
+    if figure_png is not None and Path(figure_png).is_file():
+        uri = "data:image/png;base64," + base64.b64encode(Path(figure_png).read_bytes()).decode("ascii")
+        figure = f'<img src="{uri}" alt="Dice of synthetic pairs and of real test images" style="max-width:100%">'
+    cells = "".join(f'<figure style="margin:0"><img src="{png_data_uri(image)}" alt="{html.escape(caption)}">'
+                    f'<figcaption class="caption">{html.escape(caption)}</figcaption></figure>'
+                    for caption, image in worst)
+    return f"""<h2>Label fidelity</h2>
+<p class="note">{html.escape(fidelity['description'])}. A synthetic pair whose image does not show its mask teaches a
+segmenter a wrong label, whatever the distribution metrics say.</p>
+{_table(rows, ['', 'value', ''])}
+{figure}
+<h3>Pairs that show their mask worst</h3>
+<p class="note">Red: the mask the image was generated for. Cyan: where the segmenter finds the lesion.</p>
+<div class="grid">{cells}</div>"""
+
+
 def _sets_table(results: dict) -> str:
     rows = []
     for key in ("real", "synthetic"):
@@ -131,7 +172,7 @@ def _sets_table(results: dict) -> str:
 
 
 def render_report(results: dict, real, synthetic, channels: int, pca_png: Path, grid_images: int,
-                  thumbnail_size: int, seed: int) -> str:
+                  thumbnail_size: int, seed: int, fidelity_html: str = "") -> str:
     features, diversity, memorisation = results["features"], results["diversity"], results["memorisation"]
     extractor = (f"extractor <b>{html.escape(features['extractor'])}</b> ({html.escape(features['source'])}); "
                  f"preprocessing: {html.escape(features['preprocessing'])}; {features['dimensions']} dimensions")
@@ -171,13 +212,14 @@ def render_report(results: dict, real, synthetic, channels: int, pca_png: Path, 
 real images and their nearest other real image. A copy scores 0; below the threshold it is listed here.</p>
 {_table(audit_rows, ['', ''])}
 {_pairs(memorisation, real, synthetic, channels, thumbnail_size)}
+{fidelity_html}
 </body></html>
 """
 
 
 def write_report(path: str | Path, results: dict, real, synthetic, channels: int, pca_png: Path,
-                 grid_images: int = 16, thumbnail_size: int = 128, seed: int = 0) -> Path:
+                 grid_images: int = 16, thumbnail_size: int = 128, seed: int = 0, fidelity_html: str = "") -> Path:
     """Write the report to a temporary name, then rename, so a reader never sees half a file."""
     path = Path(path)
     return write_text_atomic(path, render_report(results, real, synthetic, channels, pca_png, grid_images,
-                                                 thumbnail_size, seed))
+                                                 thumbnail_size, seed, fidelity_html))

@@ -37,10 +37,37 @@ def train_segmentation(
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> dict:
     """Train on `train_items` and return per-image test scores, their means and the training history."""
-    if not train_items or not test_items:
+    if not test_items:
+        raise ValueError("train_segmentation needs training and test items")
+    started = time.perf_counter()
+    model, fitted = fit_segmenter(train_items, val_items, network, resolution, channels, fit, epochs, batch_size,
+                                  learning_rate, seed, augment, device, on_epoch)
+    test_batches = evaluation_batches(test_items, resolution, channels, fit, True, batch_size)
+    per_image = predict_and_score(model, test_batches, torch.device(device))
+    return {"per_image": per_image, "metrics": summarise_segmentation(per_image), **fitted,
+            "seconds": time.perf_counter() - started}
+
+
+def fit_segmenter(
+    train_items: list[dict],
+    val_items: list[dict],
+    network: str = "unet",
+    resolution: int = 128,
+    channels: int = 1,
+    fit: str = "pad",
+    epochs: int = 30,
+    batch_size: int = 16,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    augment: bool = False,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """The trained network (weights of the epoch with the best validation Dice, or the last without a val split)
+    and {best_epoch, best_val_dice, steps, train_loss, val_dice}."""
+    if not train_items:
         raise ValueError("train_segmentation needs training and test items")
     check_resolution("seg", network, resolution)
-    started = time.perf_counter()
     generator = seed_everything(seed)
     device = torch.device(device)
     train_set = cached_dataset(train_items, resolution, channels, fit, True, augment, seed)
@@ -65,17 +92,8 @@ def train_segmentation(
             on_epoch(epoch, loss)
     if best_state is not None:
         model.load_state_dict(best_state)
-    test_batches = evaluation_batches(test_items, resolution, channels, fit, True, batch_size)
-    per_image = predict_and_score(model, test_batches, device)
-    return {
-        "per_image": per_image,
-        "metrics": summarise_segmentation(per_image),
-        "best_epoch": best_epoch,
-        "best_val_dice": best_dice if val_batches else math.nan,
-        "steps": epochs * len(loader),
-        "seconds": time.perf_counter() - started,
-        **history,
-    }
+    return model, {"best_epoch": best_epoch, "best_val_dice": best_dice if val_batches else math.nan,
+                   "steps": epochs * len(loader), **history}
 
 
 def _train_epoch(model, loader, optimizer, loss_function, device) -> float:

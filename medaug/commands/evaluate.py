@@ -73,11 +73,20 @@ def evaluate_command(
     batch_size: Annotated[int, typer.Option("--batch_size", min=1, help="Images per feature batch.")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed for KID subsets, MS-SSIM pairs and grids.")] = 0,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if present).")] = None,
+    fidelity_segmenter: Annotated[Optional[Path], typer.Option(
+        "--fidelity_segmenter", help="Label fidelity: a segmenter saved by an earlier run (OUT/fidelity_segmenter); "
+        "default: train one on the real train split.")] = None,
+    fidelity_epochs: Annotated[int, typer.Option(
+        "--fidelity_epochs", min=1, help="Epochs of the label-fidelity segmenter trained here.")] = 30,
+    fidelity_resolution: Annotated[int, typer.Option(
+        "--fidelity_resolution", min=16, help="Square size (px) the fidelity segmenter reads images at.")] = 64,
 ) -> None:
     """Compare synthetic images with real ones: Fréchet distance, KID, precision/recall/density/coverage,
-    MS-SSIM diversity, a memorisation audit and a PCA plot, in OUT/report.html and OUT/metrics.json."""
+    MS-SSIM diversity, a memorisation audit, a PCA plot and, where the synthetic images have masks, label fidelity
+    (does each image show its mask to a segmenter trained on real images?), in OUT/report.html and
+    OUT/metrics.json."""
     from medaug.data import DatasetError, ImageReadError
-    from medaug.metrics.evaluate import evaluate
+    from medaug.metrics.evaluate import FidelityOptions, evaluate
     from medaug.metrics.features import ExtractorError, build_extractor
     from medaug.metrics.imagesets import ImageSetError, open_image_set
 
@@ -104,8 +113,10 @@ def evaluate_command(
                                kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                                diversity_pairs=diversity_pairs, memorisation_space=memorisation_space,
                                memorisation_threshold=memorisation_threshold, save_features=save_features,
-                               seed=seed, batch_size=batch_size, progress=advance)
-    except (ExtractorError, ImageSetError, ImageReadError, DatasetError) as error:
+                               seed=seed, batch_size=batch_size, progress=advance,
+                               fidelity=FidelityOptions(fidelity_segmenter, fidelity_epochs, fidelity_resolution,
+                                                        _device(device)))
+    except (ExtractorError, ImageSetError, ImageReadError, DatasetError, FileNotFoundError) as error:
         fail(str(error))
     except ValueError as error:  # a metric's own precondition (e.g. --memorisation_space)
         fail(str(error))
@@ -128,6 +139,13 @@ def print_summary(results: dict, output_dir: Path) -> None:
     memorisation = results["memorisation"]
     table.add_row(f"near-copies ({memorisation['space']})",
                   f"{memorisation['flagged_count']} of {results['synthetic']['images']}")
+    fidelity = results["label_fidelity"]
+    if "skipped" in fidelity:
+        table.add_row("label fidelity", f"not scored: {fidelity['skipped']}")
+    else:
+        table.add_row("label fidelity: synthetic / real Dice (ratio)",
+                      f"{fidelity['synthetic_dice']:.3f} / {fidelity['real_dice']:.3f} ({fidelity['ratio']:.2f})")
+        table.add_row("pairs above Dice 0.5", f"{fidelity['share_above_0_5']:.1%} of {fidelity['pairs']}")
     console.print(table)
     console.print(f"preprocessing: {features['preprocessing']}", highlight=False)
     console.print(f"report: {output_dir / 'report.html'}; numbers: {output_dir / 'metrics.json'}")

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from medaug.data import read_manifest
+from medaug.files import write_text_atomic
 from medaug.metrics.distances import (
     FRECHET_MIN_IMAGES,
     KID_MIN_IMAGES,
@@ -130,11 +132,53 @@ def _set_summary(image_set: ImageSet, flag: str) -> dict:
     return summary
 
 
+@dataclass
+class FidelityOptions:
+    """How label fidelity is scored: a saved segmenter, or one trained on the real train split."""
+
+    segmenter_dir: str | Path | None = None
+    epochs: int = 30
+    resolution: int = 64
+    device: str = "cpu"
+
+
+def fidelity_results(real: ImageSet, synthetic: ImageSet, channels: int, output_dir: Path, options: FidelityOptions,
+                     seed: int) -> tuple[dict, str]:
+    """label_fidelity for metrics.json (each pair's Dice also written into the synthetic manifest) and its report
+    section; skipped, saying why, when either set has no masks."""
+    from medaug.metrics.fidelity import (FidelitySegmenter, label_fidelity, plot_fidelity, record_in_manifest,
+                                         train_fidelity_segmenter, worst_pair_views)
+    from medaug.report import fidelity_section
+
+    reason = _no_masks(synthetic, "synthetic") or (None if options.segmenter_dir else _no_masks(real, "real"))
+    if reason:
+        return {"skipped": reason}, fidelity_section({"skipped": reason}, None, [])
+    if options.segmenter_dir:
+        segmenter = FidelitySegmenter.load(options.segmenter_dir, options.device)
+    else:
+        segmenter = train_fidelity_segmenter(real.root, options.resolution, options.epochs, seed,
+                                             channels=channels, fit="pad", device=options.device)
+        segmenter.save(output_dir / "fidelity_segmenter")
+    fidelity = label_fidelity(segmenter, synthetic.root, synthetic.indices)
+    fidelity["manifest_lines_updated"] = record_in_manifest(synthetic.root, fidelity["per_pair"])
+    figure = plot_fidelity(output_dir / "fidelity.png", fidelity, segmenter.info.per_real_image)
+    worst = worst_pair_views(segmenter, synthetic.root, fidelity["per_pair"])
+    return fidelity, fidelity_section(fidelity, figure, worst)
+
+
+def _no_masks(image_set: ImageSet, name: str) -> str | None:
+    folder = image_set.folder
+    if not folder.has_column("mask_file_name") or not any(folder.value(i, "mask_file_name") for i in image_set.indices):
+        return f"the {name} images have no masks"
+    return None
+
+
 def evaluate(real: ImageSet, synthetic: ImageSet, extractor: Extractor, output_dir: str | Path,
              nearest_k: int = 5, kid_subsets: int = 100, kid_subset_size: int = 1000, diversity_pairs: int = 100,
              memorisation_space: str = "pixels", memorisation_threshold: float = DEFAULT_THRESHOLD,
              save_features: bool = False, seed: int = 0, batch_size: int = 32,
-             progress: Callable[[str, int, int], None] | None = None) -> dict:
+             progress: Callable[[str, int, int], None] | None = None,
+             fidelity: FidelityOptions | None = None) -> dict:
     """Compute every metric, write `metrics.json`, `pca.png`, `report.html` (and `features.npz`); return the results."""
     from medaug.report import write_report
 
@@ -172,16 +216,20 @@ def evaluate(real: ImageSet, synthetic: ImageSet, extractor: Extractor, output_d
         "memorisation": audit(real, synthetic, channels, memorisation_space, memorisation_threshold,
                               real_features, synthetic_features, extractor.fit),
     }
+    results["label_fidelity"], fidelity_html = fidelity_results(real, synthetic, channels, output_dir,
+                                                                fidelity or FidelityOptions(), seed)
     plot_pca(output_dir / "pca.png", real_features, synthetic_features, real.labels, synthetic.labels,
              title=f"PCA of {extractor.name} features ({extractor.source})")
     results["files"] = {"metrics": "metrics.json", "report": "report.html", "pca": "pca.png"}
+    if "skipped" not in results["label_fidelity"]:
+        results["files"]["fidelity"] = "fidelity.png"
     if save_features:
         _save_features(output_dir / "features.npz", real, synthetic, real_features, synthetic_features, extractor)
         results["files"]["features"] = "features.npz"
     results["seconds"] = round(time.time() - started, 1)
-    (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_text_atomic(output_dir / "metrics.json", json.dumps(results, indent=2, ensure_ascii=False))
     write_report(output_dir / "report.html", results, real, synthetic, channels, output_dir / "pca.png",
-                 grid_images=GRID_IMAGES, thumbnail_size=THUMBNAIL_SIZE, seed=seed)
+                 grid_images=GRID_IMAGES, thumbnail_size=THUMBNAIL_SIZE, seed=seed, fidelity_html=fidelity_html)
     return results
 
 
