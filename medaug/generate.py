@@ -121,6 +121,9 @@ def plan_generation(model_dir, edges=None, from_masks=None, from_images=None, pr
     flag, path = next(iter(given.items()), (None, None))
     sources, edge_method = plan_sources(record, condition, model_dir, flag, path, split, resolution, max_sources,
                                         prompt)
+    if record.unet_mask_channels and any(source.mask_path is None for source in sources):
+        raise ValueError(f"{flag or '--prompt'}: {model_dir} draws each image for a mask (its UNet reads the mask "
+                         "as input channels); give --from_masks with a dataset whose rows have masks")
     settings = {
         "model_dir": str(model_dir), "model_identity": model_identity(model_dir), "conditioning": record.conditioning,
         "source": flag.lstrip("-") if flag else None, "source_dir": str(Path(path).resolve()) if path else None,
@@ -165,6 +168,10 @@ def _batch_inputs(plan: Plan, batch: list[Job]) -> tuple[dict, list[str], list[s
     arguments = {"condition": values}
     prompts = [plan.condition.value_text(value) for value in values]
     parts = [[part] if (part := plan.condition.value_bytes(value)) is not None else [] for value in values]
+    if plan.record.unet_mask_channels:
+        masks = {job.source: plan.sources[job.source].fitted_mask(plan.settings["resolution"], plan.settings["fit"])
+                 for job in batch}
+        arguments["mask_image"] = [masks[job.source] for job in batch]
     if plan.controlnet:
         # A source's num_per_source jobs share one edge map: make it once per batch, not once per image.
         made = {job.source: plan.sources[job.source].control_image(plan.settings["resolution"], plan.settings["fit"])
@@ -209,9 +216,10 @@ def my_batches(jobs: list[Job], batch_size: int, done: set[str], process_index: 
 
 def load_pipeline(plan: Plan, device):
     """The model folder as MedaugPipeline or MedaugControlNetPipeline, with the run's scheduler, on `device`."""
-    from medaug.pipelines import MedaugControlNetPipeline, MedaugPipeline
+    from medaug.pipelines import MedaugControlNetPipeline, MedaugMaskPipeline, MedaugPipeline
 
-    pipeline_class = MedaugControlNetPipeline if plan.controlnet else MedaugPipeline
+    pipeline_class = (MedaugControlNetPipeline if plan.controlnet else
+                      MedaugMaskPipeline if plan.record.unet_mask_channels else MedaugPipeline)
     pipeline = pipeline_class.from_medaug(plan.settings["model_dir"], scheduler=plan.settings["scheduler"],
                                           base_model=plan.record.base_model)
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)

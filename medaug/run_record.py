@@ -43,6 +43,7 @@ class RunRecord:
     train_text_encoder: bool = False
     fit: str = "pad"
     channels: int = 3  # 1 when the training images were grey: generation then stores grey PNGs
+    unet_mask_channels: int = 0  # >0: the UNet reads the mask as extra input channels (MedaugMaskPipeline)
     prediction_type: str | None = None
     vae_scaling_factor: float | None = None
     controlnet: bool = False

@@ -7,6 +7,7 @@
 """
 
 from .medaug_controlnet_pipeline import MedaugControlNetPipeline
+from .medaug_mask_pipeline import MedaugMaskPipeline
 from .medaug_pipeline import MedaugPipeline
 
-__all__ = ["MedaugControlNetPipeline", "MedaugPipeline"]
+__all__ = ["MedaugControlNetPipeline", "MedaugMaskPipeline", "MedaugPipeline"]

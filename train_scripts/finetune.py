@@ -30,7 +30,8 @@ from medaug.conditioning import CONDITION_KINDS, condition_class
 from medaug.data import DatasetError, DatasetFolder
 from medaug.embeddings import EmbeddingError, parse_shape
 from medaug.run_record import RunRecord, RunRecordError, write_run_record
-from medaug.training.base_model import check_base_flag, check_xformers, load_base, resolve_resolution
+from medaug.training.base_model import (check_base_flag, check_xformers, load_base, resolve_resolution,
+                                        vae_downsampling)
 from medaug.training.cache import DEFAULT_CACHE_DIR, TensorCache
 from medaug.training.checkpoint import (CheckpointError, load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
@@ -39,6 +40,7 @@ from medaug.training.conditions import (batch_hidden_states, cached_features, va
 from medaug.training.data_order import EpochPermutationSampler, step_generator
 from medaug.training.latents import batch_latents, cached_latents, image_channels, pixel_dataset, training_rows
 from medaug.training.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
+from medaug.training.mask_channels import latent_masks, row_masks, widen_conv_in
 from medaug.training.loss import diffusion_loss
 from medaug.training.loss_log import LOSS_HISTORY, LossHistory
 from medaug.training.validation import sample_images, save_grid
@@ -46,6 +48,7 @@ from medaug.training.validation import sample_images, save_grid
 logger = logging.getLogger("medaug.finetune")
 # Arguments that define what a checkpoint holds: resuming with any of them changed is refused.
 CONFIGURATION_KEYS = ("pretrained_model_name_or_path", "conditioning", "train_mode", "rank", "train_text_encoder",
+                      "mask_channels",
                       "resolution", "condition_tokens", "train_batch_size",
                       "gradient_accumulation_steps", "seed")
 
@@ -66,7 +69,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                        help="Training target; default: the base scheduler's.")
     model.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                        help="Use xformers attention (needs `pip install medaug[xformers]`); default is PyTorch SDPA.")
-    model.add_argument("--gradient_checkpointing", action="store_true")
+    model.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute activations in the backward pass (less memory, slower).")
+    model.add_argument("--mask_channels", action="store_true",
+                       help="Condition the UNet on each row's mask: the mask, at latent resolution, becomes an extra "
+                            "input channel (conv_in widened, new weights zero), so generated images show their "
+                            "mask; generate with MedaugMaskPipeline / medaug generate --from_masks. Needs --train_mode "
+                            "full and a mask for every row.")
 
     data = parser.add_argument_group("data and conditioning")
     data.add_argument("--train_data_dir", required=True, help="Dataset folder with metadata.csv/jsonl.")
@@ -148,6 +157,9 @@ def check_flags(args: argparse.Namespace) -> None:
     if not 0.0 <= args.condition_dropout < 1.0:
         raise ValueError(f"--condition_dropout must be in [0, 1), got {args.condition_dropout}")
     check_xformers(args.enable_xformers_memory_efficient_attention)
+    if args.mask_channels and args.train_mode != "full":
+        raise ValueError("--mask_channels trains the widened first convolution with the rest of the UNet: use "
+                         "--train_mode full")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,10 +172,13 @@ def log_validation(args, step, condition, folder, vae, unet, text_encoder, token
     scheduler = DDIMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
     rows = validation_rows(folder, args.split, args.num_validation_images)
     hidden, negative = validation_embeddings(condition, folder, rows, accelerator.device, args.validation_prompt)
+    masks = row_masks(folder, rows, resolution, args.fit) if args.mask_channels else None
     with accelerator.autocast():
         images = sample_images(vae, accelerator.unwrap_model(unet), scheduler, hidden, negative,
                                args.validation_inference_steps, args.validation_guidance_scale, resolution,
-                               args.seed, text_encoder=text_encoder, tokenizer=tokenizer)
+                               args.seed, text_encoder=text_encoder, tokenizer=tokenizer, masks=masks)
+    if masks is not None:  # each mask above the image generated for it
+        images = np.concatenate([np.repeat(masks.permute(0, 2, 3, 1).numpy(), 3, axis=3), images], axis=1)
     path = save_grid(images, Path(args.output_dir) / "validation" / f"step-{step:06d}.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -192,7 +207,8 @@ def run_record(args, settings: dict, resolution: int, channels: int, scaling_fac
         base_model=args.pretrained_model_name_or_path, resolution=resolution, script="finetune",
         conditioning=args.conditioning, condition_settings=settings, unet_train_mode=args.train_mode,
         rank=args.rank if args.train_mode == "lora" else None, train_text_encoder=args.train_text_encoder,
-        fit=args.fit, channels=channels, prediction_type=args.prediction_type, vae_scaling_factor=scaling_factor,
+        fit=args.fit, channels=channels, unet_mask_channels=1 if args.mask_channels else 0,
+        prediction_type=args.prediction_type, vae_scaling_factor=scaling_factor,
         train_data_dir=str(Path(args.train_data_dir).resolve()), split=args.split, steps=global_step,
         seed=args.seed, num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
         arguments=vars(args))
@@ -249,11 +265,18 @@ def main(args: argparse.Namespace) -> dict:
     # A text encoder that trains changes its features every step: nothing to cache then.
     features = (None if args.no_cache or args.train_text_encoder
                 else cached_features(condition, inputs, cache, accelerator))
+    masks = None
+    if args.mask_channels:
+        folder.require_filled("mask_file_name", rows, "the column is missing; --mask_channels needs a mask per row",
+                              "--mask_channels needs this row's mask; it is empty")
+        masks = latent_masks(row_masks(folder, rows, resolution, args.fit), resolution // vae_downsampling(vae))
     resume_path = (resolve_checkpoint(output_dir, args.resume_from_checkpoint)
                    if args.resume_from_checkpoint else None)
 
     # 3. What trains: LoRA or the whole UNet, the text encoder's LoRA, the condition projection.
     torch.manual_seed(args.seed + 1)
+    if args.mask_channels:
+        widen_conv_in(unet, 1)
     if args.train_mode == "lora":
         add_lora(unet, args.rank, UNET_TARGETS)
     else:
@@ -320,14 +343,20 @@ def main(args: argparse.Namespace) -> dict:
             generator = step_generator(args.seed, micro_step, accelerator.process_index)
             micro_step += 1
             with accelerator.accumulate(*modules):
-                model_latents = batch_latents(latents, vae, dataset, indices.cpu(), generator, scaling_factor,
-                                              args.random_flip, accelerator.device).to(weight_dtype)
+                model_latents, batch_masks = batch_latents(latents, vae, dataset, indices.cpu(), generator,
+                                                           scaling_factor, args.random_flip, accelerator.device,
+                                                           masks=masks)
+                model_latents = model_latents.to(weight_dtype)
                 hidden = batch_hidden_states(condition, features, inputs, indices.cpu(), generator,
                                              accelerator.device, weight_dtype, args.condition_dropout,
                                              encode_with_grad=args.train_text_encoder)
-                loss = diffusion_loss(lambda noisy, t, h: unet(noisy, t, h).sample, noise_scheduler,
-                                      model_latents, hidden.to(weight_dtype), generator, args.noise_offset,
-                                      args.snr_gamma)
+                def predict(noisy, timesteps, hidden_states):
+                    if masks is not None:  # the mask enters as extra input channels
+                        noisy = torch.cat([noisy, batch_masks.to(noisy.dtype)], dim=1)
+                    return unet(noisy, timesteps, hidden_states).sample
+
+                loss = diffusion_loss(predict, noise_scheduler, model_latents, hidden.to(weight_dtype), generator,
+                                      args.noise_offset, args.snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(parameters, args.max_grad_norm)

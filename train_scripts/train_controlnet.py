@@ -158,6 +158,9 @@ def resolve_condition_flags(args: argparse.Namespace) -> None:
         args.conditioning, args.fit = args.conditioning or "text", args.fit or "pad"
         return
     record = read_run_record(args.lora_dir)
+    if record.unet_mask_channels:
+        raise ValueError(f"--lora_dir {args.lora_dir}: its UNet already reads the mask as input channels "
+                         "(--mask_channels); it needs no ControlNet: generate from it with medaug generate --from_masks")
     if args.pretrained_model_name_or_path is None:
         args.pretrained_model_name_or_path = record.base_model
     elif not same_model(args.pretrained_model_name_or_path, record.base_model):
@@ -436,8 +439,9 @@ def main(args: argparse.Namespace) -> dict:
             generator = step_generator(args.seed, micro_step, accelerator.process_index)
             micro_step += 1
             with accelerator.accumulate(*modules):
-                model_latents = batch_latents(latents, vae, dataset, indices, generator, scaling_factor, False,
-                                              accelerator.device).to(weight_dtype)
+                model_latents, _ = batch_latents(latents, vae, dataset, indices, generator, scaling_factor, False,
+                                                 accelerator.device)
+                model_latents = model_latents.to(weight_dtype)
                 hidden = batch_hidden_states(condition, features, inputs, indices, generator, accelerator.device,
                                              weight_dtype, args.condition_dropout).to(weight_dtype)
                 edges = batch_control(args, control, folder, rows, indices, resolution, accelerator.device,

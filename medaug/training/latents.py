@@ -61,15 +61,19 @@ def cached_latents(vae, vae_dir: str | Path, dataset: MedicalImageDataset, fit: 
                                      write=accelerator.is_main_process)
 
 
-def batch_latents(latents, vae, dataset, indices, generator, scaling_factor, random_flip, device):
-    """Scaled latents of a batch, drawn from cached posteriors or (latents None) encoded now."""
+def batch_latents(latents, vae, dataset, indices, generator, scaling_factor, random_flip, device, masks=None):
+    """(scaled latents of a batch, drawn from cached posteriors or (latents None) encoded now; the batch's rows of
+    `masks`, flipped with the latents, or None without masks)."""
     if latents is None:
         posterior = encode_latents(vae, dataset, indices.tolist())
     else:
         posterior = {key: value[indices] for key, value in latents.items()}
     mean, std = posterior["mean"], posterior["std"]
     sample = mean + std * torch.randn(mean.shape, generator=generator)
+    batch_masks = masks[indices].clone() if masks is not None else None
     if random_flip:
         flip = torch.rand(sample.shape[0], generator=generator) < 0.5
         sample[flip] = sample[flip].flip(-1)
-    return (sample * scaling_factor).to(device)
+        if batch_masks is not None:
+            batch_masks[flip] = batch_masks[flip].flip(-1)
+    return (sample * scaling_factor).to(device), None if batch_masks is None else batch_masks.to(device)

@@ -13,12 +13,22 @@ def sample_images(
     vae, unet, scheduler, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
     num_inference_steps: int, guidance_scale: float, resolution: int, seed: int,
     text_encoder=None, tokenizer=None, controlnet=None, control_image: torch.Tensor | None = None,
-    controlnet_conditioning_scale: float = 1.0,
+    controlnet_conditioning_scale: float = 1.0, masks: torch.Tensor | None = None,
 ) -> np.ndarray:
     """(N, H, W, 3) float images in [0, 1] from condition embeddings, with classifier-free guidance; with a
-    `controlnet`, following `control_image` ((N, 3, H, W) in [0, 1])."""
+    `controlnet`, following `control_image` ((N, 3, H, W) in [0, 1]); with `masks` ((N, 1, H, W) in {0, 1}), from a
+    UNet that reads them as extra input channels."""
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if masks is not None:
+        from medaug.pipelines import MedaugMaskPipeline
+
+        pipeline = MedaugMaskPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                      scheduler=scheduler, resolution=resolution)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline.sample(prompt_embeds, negative_prompt_embeds, masks, num_inference_steps, guidance_scale,
+                               generator, resolution, resolution, output_type="np").images
     components = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     control = {}
@@ -28,7 +38,6 @@ def sample_images(
         pipeline = StableDiffusionControlNetPipeline(controlnet=controlnet, **components)
         control = {"image": control_image, "controlnet_conditioning_scale": controlnet_conditioning_scale}
     pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     return pipeline(
         prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
