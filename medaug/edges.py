@@ -17,13 +17,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-MASK_METHODS = ("mask_boundary", "fused")
+MASK_METHODS = ("mask_boundary", "mask_filled", "fused")
 # Options each method accepts; `edge_map` refuses others by name instead of failing deep inside OpenCV.
 METHOD_OPTIONS = {
     "canny": ("low", "high", "sigma"),
     "sobel": (),
     "scharr": (),
     "mask_boundary": ("thickness",),
+    "mask_filled": (),
     "fused": ("image_method", "thickness", "low", "high", "sigma"),
 }
 # Where write_edge_dataset puts each path column's files, relative to the output folder.
@@ -92,6 +93,14 @@ def mask_boundary(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
     return (inside - interior).astype(np.float32)
 
 
+def mask_filled(mask: np.ndarray) -> np.ndarray:
+    """The whole mask as the control image (1 inside the lesion): region, not outline, for a ControlNet to follow."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask_filled: expected a (H, W) mask, got shape {mask.shape}")
+    return (mask > 0).astype(np.float32)
+
+
 def fused_edges(image: np.ndarray, mask: np.ndarray, method: str = "canny", thickness: int = 1,
                 **options) -> np.ndarray:
     """Image edges (by `method`, with `options`) and the mask's boundary, pixelwise maximum (as DiffBoost)."""
@@ -110,6 +119,7 @@ EDGE_METHODS: dict[str, Callable[..., np.ndarray]] = {
     "sobel": sobel_edges,
     "scharr": scharr_edges,
     "mask_boundary": mask_boundary,
+    "mask_filled": mask_filled,
     "fused": fused_edges,
 }
 
@@ -130,6 +140,8 @@ def edge_map(method: str, image: np.ndarray | None, mask: np.ndarray | None = No
     check_method(method, mask is not None, **options)
     if method == "mask_boundary":
         return mask_boundary(np.asarray(mask), **options)
+    if method == "mask_filled":
+        return mask_filled(mask)
     if method == "fused":
         image_method = options.pop("image_method", "canny")
         return fused_edges(image, np.asarray(mask), image_method, **options)
