@@ -11,7 +11,9 @@ image per training mask and scores them with one fidelity segmenter trained on t
 - `controlnet_filled`: the same ControlNet on the filled mask;
 - `mask_channels`: the UNet itself reads the mask as an extra input channel (`finetune.py --mask_channels`),
   trained from the base in full (no ControlNet);
-- `mask_channels_lr1e-3`: the same at a higher learning rate.
+- `mask_channels_lr1e-3`: the same at a higher learning rate;
+- `mask_channels_consistency`: `mask_channels` plus the mask-consistency loss (`--consistency_segmenter`), with a
+  segmenter of another seed than the one that scores.
 
     python benchmarks/fidelity_variants.py --work /tmp/medaug-fidelity
     python benchmarks/fidelity_variants.py --variants mask_channels --checkpoints 250,500 --smoke   # seconds
@@ -29,7 +31,8 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("controlnet_boundary", "controlnet_filled", "mask_channels", "mask_channels_lr1e-3")
+VARIANTS = ("controlnet_boundary", "controlnet_filled", "mask_channels", "mask_channels_lr1e-3",
+            "mask_channels_consistency")
 
 
 def parse_args(input_args=None):
@@ -86,13 +89,13 @@ def prepare_base(args, data: Path) -> Path:
     return base
 
 
-def prepare_segmenter(args, data: Path):
+def prepare_segmenter(args, data: Path, seed: int, name: str = "segmenter"):
     from medaug.metrics.fidelity import FidelitySegmenter, train_fidelity_segmenter
 
-    folder = args.work / "segmenter"
+    folder = args.work / name
     if (folder / "fidelity_segmenter.json").is_file():
         return FidelitySegmenter.load(folder)
-    segmenter = train_fidelity_segmenter(data, args.resolution, args.segmenter_epochs, args.seed)
+    segmenter = train_fidelity_segmenter(data, args.resolution, args.segmenter_epochs, seed)
     segmenter.save(folder)
     return segmenter
 
@@ -136,9 +139,13 @@ def train_variant(args, variant: str, data: Path, base: Path, steps: int) -> Pat
                                         "--learning_rate", 3e-4])
     else:
         rate = 1e-3 if variant.endswith("lr1e-3") else 3e-4
+        consistency = []
+        if variant.endswith("consistency"):  # a segmenter of another seed than the scoring one
+            prepare_segmenter(args, data, args.seed + 1, "segmenter-consistency")
+            consistency = ["--consistency_segmenter", args.work / "segmenter-consistency"]
         run_script("finetune", ["--pretrained_model_name_or_path", base, *common(args, data, output_dir, steps),
                                 "--conditioning", "text", "--train_mode", "full", "--mask_channels",
-                                "--learning_rate", rate])
+                                "--learning_rate", rate, *consistency])
     return output_dir
 
 
@@ -208,7 +215,7 @@ def main(args) -> list[dict]:
         args.inference_steps = 2
     data = prepare_data(args)
     base = prepare_base(args, data)
-    segmenter = prepare_segmenter(args, data)
+    segmenter = prepare_segmenter(args, data, args.seed)
     print(f"fidelity segmenter: real test Dice {segmenter.info.real_dice:.3f} on {segmenter.info.real_pairs} lesion "
           "images", flush=True)
     results_path = args.work / "fidelity_curves.json"

@@ -98,3 +98,32 @@ def test_mask_runs_refuse_what_cannot_work(mask_run, tiny_model_dir, phantom_dir
         pipe(prompt="x", **FAST)
     with pytest.raises(ValueError, match="mask_image: size 32x48 differs from the output size 64x64"):
         pipe(prompt="x", mask_image=np.zeros((48, 32)), **FAST)
+
+
+def test_the_clean_estimate_inverts_the_noising():
+    from diffusers import DDPMScheduler
+
+    from medaug.training.consistency import MaskConsistencyLoss
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    timesteps = torch.tensor([5, 200, 900])
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    estimate = MaskConsistencyLoss.clean_estimate(type("L", (), {"scheduler": scheduler})(), noisy, timesteps, noise)
+    torch.testing.assert_close(estimate, latents, atol=1e-4, rtol=1e-4)
+
+
+def test_the_consistency_loss_changes_training_and_needs_mask_channels(tiny_model_dir, phantom_dir, tmp_path):
+    from medaug.metrics.fidelity import train_fidelity_segmenter
+
+    segmenter = train_fidelity_segmenter(phantom_dir, resolution=64, epochs=1, seed=1, batch_size=8)
+    saved = segmenter.save(tmp_path / "segmenter")
+    flags = ["--condition_dropout", "0", "--consistency_max_timestep", "1000"]  # every sample counts
+    plain = train_mask_run(tiny_model_dir, phantom_dir, tmp_path / "plain", 2, *flags)
+    weighted = train_mask_run(tiny_model_dir, phantom_dir, tmp_path / "consistency", 2, *flags,
+                              "--consistency_segmenter", saved, "--consistency_weight", "1.0")
+    assert all(np.isfinite(weighted["losses"]))
+    assert weighted["losses"][0] > plain["losses"][0] + 1e-3  # the same step, with the segmenter's loss added
+    with pytest.raises(ValueError, match="--consistency_segmenter .* needs --mask_channels"):
+        finetune.parse_args(["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
+                             str(phantom_dir), "--train_mode", "full", "--consistency_segmenter", str(saved)])

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from medaug.conditioning import CONDITION_KINDS, condition_class
 from medaug.data import DatasetError, DatasetFolder
 from medaug.embeddings import EmbeddingError, parse_shape
+from medaug.metrics.fidelity import FidelitySegmenter
 from medaug.run_record import RunRecord, RunRecordError, write_run_record
 from medaug.training.base_model import (check_base_flag, check_xformers, load_base, resolve_resolution,
                                         vae_downsampling)
@@ -40,6 +41,7 @@ from medaug.training.conditions import (batch_hidden_states, cached_features, va
 from medaug.training.data_order import EpochPermutationSampler, step_generator
 from medaug.training.latents import batch_latents, cached_latents, image_channels, pixel_dataset, training_rows
 from medaug.training.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
+from medaug.training.consistency import MaskConsistencyLoss
 from medaug.training.mask_channels import latent_masks, row_masks, widen_conv_in
 from medaug.training.loss import diffusion_loss
 from medaug.training.loss_log import LOSS_HISTORY, LossHistory
@@ -76,6 +78,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                             "input channel (conv_in widened, new weights zero), so generated images show their "
                             "mask; generate with MedaugMaskPipeline / medaug generate --from_masks. Needs --train_mode "
                             "full and a mask for every row.")
+    model.add_argument("--consistency_segmenter", default=None,
+                       help="With --mask_channels: a segmenter folder (medaug evaluate's OUT/fidelity_segmenter, or "
+                            "FidelitySegmenter.save) whose reading of the one-step clean estimate must match the mask "
+                            "(a ControlNet++-style consistency loss). Use another seed than the one that scores.")
+    model.add_argument("--consistency_weight", type=float, default=0.5, help="Weight of the consistency loss.")
+    model.add_argument("--consistency_max_timestep", type=int, default=400,
+                       help="The consistency loss counts samples below this timestep only (readable estimates).")
 
     data = parser.add_argument_group("data and conditioning")
     data.add_argument("--train_data_dir", required=True, help="Dataset folder with metadata.csv/jsonl.")
@@ -157,6 +166,9 @@ def check_flags(args: argparse.Namespace) -> None:
     if not 0.0 <= args.condition_dropout < 1.0:
         raise ValueError(f"--condition_dropout must be in [0, 1), got {args.condition_dropout}")
     check_xformers(args.enable_xformers_memory_efficient_attention)
+    if args.consistency_segmenter and not args.mask_channels:
+        raise ValueError("--consistency_segmenter compares generated images with their masks: it needs "
+                         "--mask_channels")
     if args.mask_channels and args.train_mode != "full":
         raise ValueError("--mask_channels trains the widened first convolution with the rest of the UNet: use "
                          "--train_mode full")
@@ -265,11 +277,16 @@ def main(args: argparse.Namespace) -> dict:
     # A text encoder that trains changes its features every step: nothing to cache then.
     features = (None if args.no_cache or args.train_text_encoder
                 else cached_features(condition, inputs, cache, accelerator))
-    masks = None
+    masks, consistency = (), None  # per-row latent masks (and full-size ones for the consistency loss)
     if args.mask_channels:
         folder.require_filled("mask_file_name", rows, "the column is missing; --mask_channels needs a mask per row",
                               "--mask_channels needs this row's mask; it is empty")
-        masks = latent_masks(row_masks(folder, rows, resolution, args.fit), resolution // vae_downsampling(vae))
+        full_masks = row_masks(folder, rows, resolution, args.fit)
+        masks = (latent_masks(full_masks, resolution // vae_downsampling(vae)), full_masks)
+    if args.consistency_segmenter:
+        segmenter = FidelitySegmenter.load(args.consistency_segmenter, accelerator.device)
+        consistency = MaskConsistencyLoss(segmenter, vae, noise_scheduler, args.consistency_weight,
+                                          args.consistency_max_timestep)
     resume_path = (resolve_checkpoint(output_dir, args.resume_from_checkpoint)
                    if args.resume_from_checkpoint else None)
 
@@ -345,18 +362,22 @@ def main(args: argparse.Namespace) -> dict:
             with accelerator.accumulate(*modules):
                 model_latents, batch_masks = batch_latents(latents, vae, dataset, indices.cpu(), generator,
                                                            scaling_factor, args.random_flip, accelerator.device,
-                                                           masks=masks)
+                                                           paired=masks)
                 model_latents = model_latents.to(weight_dtype)
                 hidden = batch_hidden_states(condition, features, inputs, indices.cpu(), generator,
                                              accelerator.device, weight_dtype, args.condition_dropout,
                                              encode_with_grad=args.train_text_encoder)
                 def predict(noisy, timesteps, hidden_states):
-                    if masks is not None:  # the mask enters as extra input channels
-                        noisy = torch.cat([noisy, batch_masks.to(noisy.dtype)], dim=1)
+                    if masks:  # the mask enters as extra input channels
+                        noisy = torch.cat([noisy, batch_masks[0].to(noisy.dtype)], dim=1)
                     return unet(noisy, timesteps, hidden_states).sample
 
+                def consistency_loss(noisy, timesteps, prediction):
+                    return consistency(noisy, timesteps, prediction, batch_masks[1])
+
                 loss = diffusion_loss(predict, noise_scheduler, model_latents, hidden.to(weight_dtype), generator,
-                                      args.noise_offset, args.snr_gamma)
+                                      args.noise_offset, args.snr_gamma,
+                                      consistency_loss if consistency is not None else None)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(parameters, args.max_grad_norm)

@@ -61,19 +61,18 @@ def cached_latents(vae, vae_dir: str | Path, dataset: MedicalImageDataset, fit: 
                                      write=accelerator.is_main_process)
 
 
-def batch_latents(latents, vae, dataset, indices, generator, scaling_factor, random_flip, device, masks=None):
+def batch_latents(latents, vae, dataset, indices, generator, scaling_factor, random_flip, device, paired=()):
     """(scaled latents of a batch, drawn from cached posteriors or (latents None) encoded now; the batch's rows of
-    `masks`, flipped with the latents, or None without masks)."""
+    each per-row tensor in `paired` (masks), flipped with the latents)."""
     if latents is None:
         posterior = encode_latents(vae, dataset, indices.tolist())
     else:
         posterior = {key: value[indices] for key, value in latents.items()}
     mean, std = posterior["mean"], posterior["std"]
     sample = mean + std * torch.randn(mean.shape, generator=generator)
-    batch_masks = masks[indices].clone() if masks is not None else None
+    batch_paired = [tensor[indices].clone() for tensor in paired]
     if random_flip:
         flip = torch.rand(sample.shape[0], generator=generator) < 0.5
-        sample[flip] = sample[flip].flip(-1)
-        if batch_masks is not None:
-            batch_masks[flip] = batch_masks[flip].flip(-1)
-    return (sample * scaling_factor).to(device), None if batch_masks is None else batch_masks.to(device)
+        for tensor in (sample, *batch_paired):
+            tensor[flip] = tensor[flip].flip(-1)
+    return (sample * scaling_factor).to(device), [tensor.to(device) for tensor in batch_paired]

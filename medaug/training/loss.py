@@ -7,9 +7,10 @@ import torch.nn.functional as F
 
 
 def diffusion_loss(predict, noise_scheduler, latents, hidden_states, generator, noise_offset: float = 0.0,
-                   snr_gamma: float | None = None) -> torch.Tensor:
+                   snr_gamma: float | None = None, extra_loss=None) -> torch.Tensor:
     """The loss of `predict(noisy_latents, timesteps, hidden_states)` (the UNet, or the UNet with a ControlNet's
-    residuals) on fresh noise and timesteps drawn from `generator`; Min-SNR weighted when `snr_gamma` is given."""
+    residuals) on fresh noise and timesteps drawn from `generator`; Min-SNR weighted when `snr_gamma` is given;
+    plus `extra_loss(noisy, timesteps, prediction)` where given (the mask-consistency loss)."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     if noise_offset:
         noise += noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
@@ -22,8 +23,9 @@ def diffusion_loss(predict, noise_scheduler, latents, hidden_states, generator, 
     else:
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     prediction = predict(noisy, timesteps, hidden_states)
+    extra = extra_loss(noisy, timesteps, prediction) if extra_loss is not None else 0.0
     if snr_gamma is None:
-        return F.mse_loss(prediction.float(), target.float())
+        return F.mse_loss(prediction.float(), target.float()) + extra
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(noise_scheduler, timesteps)
@@ -31,4 +33,4 @@ def diffusion_loss(predict, noise_scheduler, latents, hidden_states, generator, 
     if noise_scheduler.config.prediction_type == "v_prediction":
         weights = torch.clamp(snr, max=snr_gamma) / (snr + 1)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
+    return (per_sample * weights).mean() + extra
