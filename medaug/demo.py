@@ -1,8 +1,9 @@
 """`medaug demo`: the whole chain on a phantom (or a given) dataset, one resumable stage at a time.
 
-data -> base model (`small` preset) -> VAE -> fine-tune on label prompts -> ControlNet on mask edges -> generate
-images with their masks -> domain encoder and quality metrics -> segmentation study real vs real+synthetic ->
-report.html. Each finished stage leaves `stages/<name>.json`; a rerun skips those and resumes the others
+data -> base model (`small` preset) -> VAE -> fine-tune on label prompts, the UNet reading each mask as an input
+channel (`generator="mask_channels"`, the default; or `"controlnet"`: a text fine-tune, then a ControlNet on mask
+edges) -> generate images for the training masks -> domain encoder, quality metrics and label fidelity ->
+segmentation study real vs real+synthetic -> report.html. Each finished stage leaves `stages/<name>.json`; a rerun skips those and resumes the others
 (training scripts from their latest checkpoint, generation from its manifest). The training scripts run in this
 process from the installed `medaug.scripts`, exactly as `python -m medaug.scripts.NAME` would run them.
 """
@@ -29,6 +30,9 @@ class DemoSettings:
     phantom_images: int = 48
     phantom_size: int = 128
     preset: str = "small"
+    generator: str = "mask_channels"  # or "controlnet": how generated images are made to follow their masks
+    consistency: bool = True  # mask_channels: add the mask-consistency loss (a segmenter must find the mask)
+    segmenter_epochs: int = 30  # the consistency segmenter's training
     resolution: int = 64
     max_train_images: int | None = None  # use the first N training rows (real data can be large)
     vae_steps: int = 150
@@ -151,9 +155,33 @@ def _training_summary(summary: dict) -> dict:
             "loss_last": sum(losses[-window:]) / window if losses else None, "output_dir": summary["output_dir"]}
 
 
+GENERATORS = ("mask_channels", "controlnet")
+
+
+def uses_consistency(settings: DemoSettings) -> bool:
+    return settings.generator == "mask_channels" and settings.consistency
+
+
+def stage_segmenter(demo: Demo) -> dict:
+    """The segmenter the consistency loss asks; another seed than the one that scores label fidelity later."""
+    from medaug.metrics.fidelity import train_fidelity_segmenter
+
+    settings = demo.settings
+    if not uses_consistency(settings):
+        return {"skipped": "no mask-consistency loss in this demo's settings"}
+    segmenter = train_fidelity_segmenter(demo.dataset, settings.resolution, settings.segmenter_epochs,
+                                         settings.seed + 1)
+    segmenter.save(demo.path("consistency_segmenter"))
+    return {"real_dice": segmenter.info.real_dice, "real_pairs": segmenter.info.real_pairs,
+            "folder": str(demo.path("consistency_segmenter"))}
+
+
 def stage_finetune(demo: Demo) -> dict:
     settings, output_dir = demo.settings, demo.path("finetune")
-    arguments = ["--pretrained_model_name_or_path", demo.path("base"), *demo.common_flags(),
+    mask_flags = ["--mask_channels"] if settings.generator == "mask_channels" else []
+    if uses_consistency(settings):
+        mask_flags += ["--consistency_segmenter", demo.path("consistency_segmenter")]
+    arguments = ["--pretrained_model_name_or_path", demo.path("base"), *demo.common_flags(), *mask_flags,
                  "--output_dir", output_dir, "--conditioning", "text", "--caption_column", demo.caption_column(),
                  "--train_mode", "full", "--learning_rate", 3e-4, "--max_train_steps", settings.finetune_steps,
                  "--train_batch_size", settings.train_batch_size, "--checkpointing_steps", 100,
@@ -164,6 +192,8 @@ def stage_finetune(demo: Demo) -> dict:
 
 def stage_controlnet(demo: Demo) -> dict:
     settings, output_dir = demo.settings, demo.path("controlnet")
+    if settings.generator != "controlnet":
+        return {"skipped": "the fine-tuned UNet reads each mask as an input channel; no ControlNet is needed"}
     arguments = ["--lora_dir", demo.path("finetune"), *demo.common_flags(), "--output_dir", output_dir,
                  "--edge_method", settings.edge_method, "--controlnet_train_mode", "full", "--learning_rate", 3e-4,
                  "--max_train_steps", settings.controlnet_steps, "--train_batch_size", settings.train_batch_size,
@@ -177,7 +207,8 @@ def stage_generate(demo: Demo) -> dict:
     from medaug.generate import generate
 
     settings = demo.settings
-    summary = generate(demo.path("controlnet"), demo.path("synthetic"), from_masks=demo.dataset, split="train",
+    model = demo.path("controlnet" if settings.generator == "controlnet" else "finetune")
+    summary = generate(model, demo.path("synthetic"), from_masks=demo.dataset, split="train",
                        num_per_source=settings.num_per_source, num_inference_steps=settings.inference_steps,
                        guidance_scale=settings.guidance_scale, seed=settings.seed, batch_size=8, resume=True,
                        max_sources=settings.max_train_images)
@@ -205,6 +236,9 @@ def stage_evaluate(demo: Demo) -> dict:
                                                       "recall", "density", "coverage")},
             "diversity": {name: results["diversity"][name]["ms_ssim_mean"] for name in ("real", "synthetic")},
             "near_copies": results["memorisation"]["flagged_count"], "synthetic_images": results["synthetic"]["images"],
+            "label_fidelity": {key: value for key, value in results["label_fidelity"].items()
+                               if key in ("synthetic_dice", "real_dice", "ratio", "share_above_0_5", "pairs",
+                                          "skipped")},
             "report": str(demo.path("evaluate") / "report.html")}
 
 
@@ -223,8 +257,9 @@ STAGES: dict[str, tuple[str, Callable[[Demo], dict]]] = {
     "data": ("dataset", stage_data),
     "base": ("base model (init-model)", stage_base),
     "vae": ("train the VAE", stage_vae),
-    "finetune": ("fine-tune on label prompts", stage_finetune),
-    "controlnet": ("train a ControlNet on mask edges", stage_controlnet),
+    "segmenter": ("a segmenter for the mask-consistency loss", stage_segmenter),
+    "finetune": ("fine-tune on label prompts (and masks)", stage_finetune),
+    "controlnet": ("train a ControlNet on mask edges (controlnet generator only)", stage_controlnet),
     "generate": ("generate images with masks", stage_generate),
     "evaluate": ("quality metrics", stage_evaluate),
     "segmentation": ("segmentation: real vs real+synthetic", stage_segmentation),
@@ -260,6 +295,9 @@ def run_demo(output_dir: str | Path, data: str | Path | None = None, settings: D
     from medaug.demo_report import write_demo_report
 
     settings = settings or DemoSettings()
+    if settings.generator not in GENERATORS:
+        raise DemoError(f"--generator: unknown generator '{settings.generator}'; expected one of "
+                        f"{', '.join(GENERATORS)}")
     output_dir = Path(output_dir)
     data = Path(data) if data is not None else None
     if data is not None and not (data / "metadata.csv").is_file() and not (data / "metadata.jsonl").is_file():

@@ -86,7 +86,8 @@ def _latest_image(folder: Path) -> str:
 
 
 def stage_table(output_dir: Path, records: dict) -> str:
-    folders = {"data": "data", "base": "base", "vae": "base/vae", "finetune": "finetune", "controlnet": "controlnet",
+    folders = {"data": "data", "base": "base", "vae": "base/vae", "segmenter": "consistency_segmenter",
+               "finetune": "finetune", "controlnet": "controlnet",
                "generate": "synthetic", "evaluate": "evaluate", "segmentation": "segmentation"}
     rows = []
     total = 0.0
@@ -120,12 +121,24 @@ def evaluate_section(output_dir: Path, result: dict) -> str:
             *[[key, _number(metrics[key])] for key in ("precision", "recall", "density", "coverage")],
             ["MS-SSIM within real / within synthetic (lower is more diverse)",
              f"{_number(result['diversity']['real'])} / {_number(result['diversity']['synthetic'])}"],
-            ["near-copies of training images", f"{result['near_copies']} of {result['synthetic_images']}"]]
+            ["near-copies of training images", f"{result['near_copies']} of {result['synthetic_images']}"],
+            *fidelity_rows(result.get("label_fidelity"))]
     return (_table(["metric (real train vs synthetic)", "value"], rows)
             + f"<p>Full report: {_link(output_dir, result['report'], 'evaluate/report.html')}.</p>")
 
 
-def segmentation_section(output_dir: Path, result: dict) -> str:
+def fidelity_rows(fidelity: dict | None) -> list[list[str]]:
+    """Label fidelity beside the realism metrics: whether generated images show their masks."""
+    if not fidelity or "skipped" in fidelity:
+        return [["label fidelity", f"not scored: {(fidelity or {}).get('skipped', 'not computed')}"]]
+    return [["label fidelity: segmenter Dice on synthetic pairs / on real test images (ratio)",
+             f"{_number(fidelity['synthetic_dice'])} / {_number(fidelity['real_dice'])} "
+             f"(<b>{_number(fidelity['ratio'], 2)}</b>)"],
+            ["synthetic pairs whose lesion the segmenter finds (Dice > 0.5)",
+             f"{fidelity['share_above_0_5']:.0%} of {fidelity['pairs']}"]]
+
+
+def segmentation_section(output_dir: Path, result: dict, fidelity: dict | None = None) -> str:
     rows = []
     for group in result["groups"]:
         dice = group["metrics"]["dice"]
@@ -136,10 +149,22 @@ def segmentation_section(output_dir: Path, result: dict) -> str:
     notes = "".join(f"<li>{html.escape(note)}</li>" for note in result["notes"])
     plots = "".join(f'<img class="wide" src="segmentation/{html.escape(path.name)}" alt="{html.escape(path.stem)}">'
                     for path in sorted((output_dir / "segmentation").glob("*.png"))[:2])
+    readable = ""
+    if fidelity and "skipped" not in fidelity:
+        readable = (f"<p>The synthetic pairs' label fidelity is {_number(fidelity['ratio'], 2)} (a segmenter trained on "
+                    f"real images finds their lesions with Dice {_number(fidelity['synthetic_dice'])}, real test "
+                    f"lesions with {_number(fidelity['real_dice'])}): pairs that do not show their mask teach the "
+                    "segmenter wrong labels.</p>")
     return (_table(["arm", "train images (real + synthetic)", "seeds", "Dice on the real test split (mean ± 95% CI)",
-                    "Δ Dice vs real-only (Wilcoxon)"], rows)
+                    "Δ Dice vs real-only (Wilcoxon)"], rows) + readable
             + (f"<ul class='note'>{notes}</ul>" if notes else "") + plots
             + f"<p>Table with IoU and HD95: {_link(output_dir, result['results'], 'segmentation/results.md')}.</p>")
+
+
+def controlnet_section(output_dir: Path, result: dict) -> str:
+    if "skipped" in result:
+        return f"<h2>ControlNet</h2><p>Not trained: {html.escape(result['skipped'])}.</p>"
+    return "<h2>ControlNet on mask edges</h2>" + training_section(output_dir, "controlnet", result)
 
 
 def write_demo_report(demo, records: dict) -> Path:
@@ -153,15 +178,15 @@ def write_demo_report(demo, records: dict) -> Path:
         "<h2>Stages</h2>" + stage_table(output_dir, records),
         "<h2>Real and generated</h2>" + pairs_html(demo.dataset, output_dir / "synthetic"),
         "<h2>VAE</h2>" + vae_section(records["vae"]["result"]),
-        "<h2>Fine-tuning on label prompts</h2>" + training_section(output_dir, "finetune",
-                                                                   records["finetune"]["result"]),
-        "<h2>ControlNet on mask edges</h2>" + training_section(output_dir, "controlnet",
-                                                               records["controlnet"]["result"]),
+        "<h2>Fine-tuning on label prompts" + (" and masks" if demo.settings.generator == "mask_channels" else "")
+        + "</h2>" + training_section(output_dir, "finetune", records["finetune"]["result"]),
+        controlnet_section(output_dir, records["controlnet"]["result"]),
         f"<h2>Generation</h2><p>{records['generate']['result']['total']} images at "
         f"{_number(records['generate']['result']['images_per_second'], 2)} images/s, in "
         f"{_link(output_dir, output_dir / 'synthetic', 'synthetic/')} with masks and manifest.jsonl.</p>",
         "<h2>Quality</h2>" + evaluate_section(output_dir, records["evaluate"]["result"]),
-        "<h2>Does it help segmentation?</h2>" + segmentation_section(output_dir, records["segmentation"]["result"]),
+        "<h2>Does it help segmentation?</h2>" + segmentation_section(
+            output_dir, records["segmentation"]["result"], records["evaluate"]["result"].get("label_fidelity")),
     ]
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>medaug demo</title>"
             f"<style>{STYLE}{EXTRA_STYLE}</style></head><body>{''.join(sections)}</body></html>")

@@ -34,7 +34,7 @@ SUBCOMMANDS = {
               "--label_column", "--gradcam_images", "--device", "--num_threads", "--channels", "--fit"],
     "edges": ["--method", "--output_dir", "--split", "--low", "--high", "--thickness", "--overwrite"],
     "demo": ["--data", "--output_dir", "--max_train_images", "--resolution", "--finetune_steps", "--controlnet_steps",
-             "--seg_epochs", "--seg_seeds", "--overwrite"],
+             "--seg_epochs", "--seg_seeds", "--overwrite", "--generator", "--consistency", "--no_consistency"],
     "generate": ["--model_dir", "--output_dir", "--edges", "--from_masks", "--from_images", "--prompt",
                  "--embeddings_file", "--split", "--num_per_source", "--num_inference_steps", "--guidance_scale",
                  "--controlnet_conditioning_scale", "--scheduler", "--seed", "--batch_size", "--resolution",

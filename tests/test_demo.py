@@ -15,7 +15,7 @@ from tests.test_report import coloured_pixels, dark_fraction, screenshot
 
 TINY = DemoSettings(phantom_images=16, phantom_size=64, preset="tiny", resolution=64, vae_steps=2, finetune_steps=2,
                     controlnet_steps=2, train_batch_size=2, inference_steps=2, encoder_steps=2, seg_resolution=32,
-                    seg_epochs=1, seg_seeds=2)
+                    seg_epochs=1, seg_seeds=2, segmenter_epochs=1)
 
 
 def run_tiny(output_dir, settings=TINY, **options):
@@ -36,8 +36,15 @@ def test_every_stage_runs_and_leaves_its_outputs(demo):
     output_dir, report, announced = demo
     assert [title for title, _ in announced] == [title for title, _ in STAGES.values()]
     assert not any(done for _, done in announced)
-    assert (output_dir / "controlnet" / "controlnet" / "config.json").is_file()
+    unet = json.loads((output_dir / "finetune" / "unet" / "config.json").read_text())
+    assert unet["in_channels"] == 5  # the default generator: the UNet reads each mask as an input channel
     records = {name: json.loads((output_dir / "stages" / f"{name}.json").read_text()) for name in STAGES}
+    assert "skipped" in records["controlnet"]["result"] and not (output_dir / "controlnet").exists()
+    assert (output_dir / "consistency_segmenter" / "fidelity_segmenter.json").is_file()
+    finetune_args = json.loads((output_dir / "finetune" / "medaug_args.json").read_text())["arguments"]
+    assert finetune_args["consistency_segmenter"] == str(output_dir / "consistency_segmenter")
+    fidelity = records["evaluate"]["result"]["label_fidelity"]
+    assert fidelity["pairs"] > 0 and 0 <= fidelity["share_above_0_5"] <= 1
     train_rows = records["data"]["result"]["splits"]["train"]
     assert records["generate"]["result"]["total"] == train_rows * TINY.num_per_source
     assert len(list((output_dir / "synthetic" / "masks").glob("*.png"))) == train_rows * TINY.num_per_source
@@ -49,10 +56,11 @@ def test_every_stage_runs_and_leaves_its_outputs(demo):
 def test_report_links_every_stage_and_embeds_pairs(demo):
     output_dir, report, _ = demo
     text = report.read_text()
-    for folder in ("data/", "base/", "finetune/", "controlnet/", "synthetic/", "evaluate/report.html",
+    for folder in ("data/", "base/", "finetune/", "synthetic/", "evaluate/report.html",
                    "segmentation/results.md"):
         assert f'href="{folder}' in text, folder
         assert (output_dir / folder.rstrip("/")).exists()
+    assert "label fidelity" in text and "ControlNet</h2><p>Not trained" in text
     pairs = re.search(r'<div class="pairs">(.*?)</div>', text, re.S).group(1)
     assert pairs.count("<figure>") == 8 and pairs.count('alt="real: ') == 8 and pairs.count('alt="generated: ') == 8
 
@@ -84,6 +92,17 @@ def test_other_settings_in_the_same_folder_are_refused(demo):
     changed = DemoSettings(**{**TINY.__dict__, "finetune_steps": 3})
     with pytest.raises(DemoError, match=r"other settings \(finetune_steps\).*--overwrite"):
         run_tiny(output_dir, changed)
+
+
+def test_the_controlnet_generator_trains_a_controlnet_and_generates_from_it(tmp_path):
+    settings = DemoSettings(**{**TINY.__dict__, "generator": "controlnet", "seg_seeds": 2, "seg_epochs": 1})
+    report, _ = run_tiny(tmp_path / "out", settings)
+    assert (tmp_path / "out" / "controlnet" / "controlnet" / "config.json").is_file()
+    entries = [json.loads(line) for line in (tmp_path / "out" / "synthetic" / "manifest.jsonl").read_text().splitlines()]
+    assert entries and all(entry["model_dir"].endswith("controlnet") for entry in entries)
+    assert 'href="controlnet/' in report.read_text()
+    with pytest.raises(DemoError, match="--generator: unknown generator 'gan'"):
+        run_tiny(tmp_path / "other", DemoSettings(**{**TINY.__dict__, "generator": "gan"}))
 
 
 def test_bad_data_folder_is_named(tmp_path):

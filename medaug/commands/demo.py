@@ -23,7 +23,17 @@ def demo_command(
     resolution: Annotated[int, typer.Option("--resolution", help="Diffusion training and generation size.")] = (
         DemoSettings.resolution),
     finetune_steps: Annotated[int, typer.Option("--finetune_steps", min=1)] = DemoSettings.finetune_steps,
-    controlnet_steps: Annotated[int, typer.Option("--controlnet_steps", min=1)] = DemoSettings.controlnet_steps,
+    controlnet_steps: Annotated[int, typer.Option(
+        "--controlnet_steps", min=1, help="ControlNet training steps (--generator controlnet).")] = (
+        DemoSettings.controlnet_steps),
+    generator: Annotated[str, typer.Option(
+        "--generator", help="mask_channels: the fine-tuned UNet reads each mask as an input channel (images follow "
+                            "their masks, measured by label fidelity); controlnet: a text fine-tune, then a "
+                            "ControlNet on mask edges.")] = DemoSettings.generator,
+    consistency: Annotated[bool, typer.Option(
+        "--consistency/--no_consistency", help="mask_channels: also train with the mask-consistency loss (a "
+                                               "segmenter trained on the real train split must find each mask in "
+                                               "the one-step clean estimate).")] = DemoSettings.consistency,
     seg_epochs: Annotated[int, typer.Option("--seg_epochs", min=1, help="Epochs of each segmentation run.")] = (
         DemoSettings.seg_epochs),
     seg_seeds: Annotated[int, typer.Option("--seg_seeds", min=2, help="Seeds per arm of the study.")] = (
@@ -31,12 +41,15 @@ def demo_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again in an --output_dir that holds a "
                                             "demo with other settings.")] = False,
 ) -> None:
-    """Show the whole idea on one dataset: base model, VAE, fine-tuning, ControlNet, generation with masks,
-    quality metrics and a segmentation study real vs real+synthetic, all in OUT/report.html."""
+    """Show the whole idea on one dataset: base model, VAE, fine-tuning with masks (or a ControlNet), generation
+    with masks, quality metrics with label fidelity and a segmentation study real vs real+synthetic, all in
+    OUT/report.html."""
     from medaug.demo import DemoError, run_demo
 
     settings = DemoSettings(max_train_images=max_train_images, resolution=resolution, finetune_steps=finetune_steps,
-                            controlnet_steps=controlnet_steps, seg_epochs=seg_epochs, seg_seeds=seg_seeds)
+                            controlnet_steps=controlnet_steps, generator=generator, consistency=consistency,
+                            seg_epochs=seg_epochs,
+                            seg_seeds=seg_seeds)
 
     def announce(number: int, total: int, title: str, done: bool) -> None:
         console.rule(f"[bold]stage {number}/{total}: {title}" + (" (done, skipped)" if done else ""))
