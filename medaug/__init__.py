@@ -11,4 +11,8 @@ def __getattr__(name: str):
         from medaug.conditioning import ConditionProjection
 
         return ConditionProjection
+    if name == "Pix2PixGenerator":
+        from medaug.models.pix2pix import Pix2PixGenerator
+
+        return Pix2PixGenerator
     raise AttributeError(f"module 'medaug' has no attribute '{name}'")

@@ -359,10 +359,45 @@ class EmbeddingCondition(Condition):
         return f"embeddings of shape {shape_text(shape)} or {shape_text(('B',) + shape)}"
 
 
+class NoCondition(Condition):
+    """No condition at all: one learned embedding stands for every row (an unconditional model, or one steered by
+    its mask alone), and generators that take no condition (pix2pix) record this kind."""
+
+    kind = "none"
+    argument = "condition"
+    settings = {"condition_tokens": 4}
+
+    def __init__(self, projection: ConditionProjection | None):
+        self.projection = projection
+
+    @classmethod
+    def build(cls, base: str, cross_attention_dim: int, tokenizer, text_encoder, settings: dict):
+        return cls(ConditionProjection.for_features((1,), cross_attention_dim, settings["condition_tokens"]))
+
+    @classmethod
+    def from_components(cls, components: dict, settings: dict):
+        return cls(components.get("condition_encoder"))
+
+    def inputs(self, folder, rows: list[int]) -> list[str]:
+        return [""] * len(rows)
+
+    def features(self, inputs: list) -> torch.Tensor:
+        return torch.zeros(len(inputs), 1)
+
+    def value_features(self, condition) -> torch.Tensor:
+        count = condition if isinstance(condition, int) else len(condition) if isinstance(condition, (list, tuple)) \
+            else 1
+        return torch.zeros(count, 1)
+
+    def describe_values(self) -> str:
+        return "condition=N (how many images) or a list with one entry per image; the entries are not read"
+
+
 CONDITION_KINDS: dict[str, type[Condition]] = {
     "text": TextCondition,
     "clip_image": ClipImageCondition,
     "embedding": EmbeddingCondition,
+    "none": NoCondition,
 }
 
 

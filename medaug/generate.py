@@ -88,7 +88,8 @@ def model_identity(model_dir: Path) -> str:
     from medaug.training.cache import file_identity
 
     parts = []
-    for name in (RECORD_NAME, "pytorch_lora_weights.safetensors", "unet", "condition_encoder", "controlnet"):
+    for name in (RECORD_NAME, "pytorch_lora_weights.safetensors", "unet", "condition_encoder", "controlnet",
+                 "pix2pix"):
         path = model_dir / name
         files = sorted(path.rglob("*")) if path.is_dir() else [path]
         parts += [file_identity(file) for file in files if file.is_file()]
@@ -121,9 +122,9 @@ def plan_generation(model_dir, edges=None, from_masks=None, from_images=None, pr
     flag, path = next(iter(given.items()), (None, None))
     sources, edge_method = plan_sources(record, condition, model_dir, flag, path, split, resolution, max_sources,
                                         prompt)
-    if record.unet_mask_channels and any(source.mask_path is None for source in sources):
-        raise ValueError(f"{flag or '--prompt'}: {model_dir} draws each image for a mask (its UNet reads the mask "
-                         "as input channels); give --from_masks with a dataset whose rows have masks")
+    if draws_for_masks(record) and any(source.mask_path is None for source in sources):
+        raise ValueError(f"{flag or '--prompt'}: {model_dir} draws each image for a mask (a mask-channel UNet or "
+                         "pix2pix); give --from_masks with a dataset whose rows have masks")
     settings = {
         "model_dir": str(model_dir), "model_identity": model_identity(model_dir), "conditioning": record.conditioning,
         "source": flag.lstrip("-") if flag else None, "source_dir": str(Path(path).resolve()) if path else None,
@@ -136,6 +137,11 @@ def plan_generation(model_dir, edges=None, from_masks=None, from_images=None, pr
         "fit": record.fit, "channels": record.channels,
     }
     return Plan(record, condition, settings, sources, make_jobs(sources, num_per_source, seed))
+
+
+def draws_for_masks(record: RunRecord) -> bool:
+    """Whether the run's generator takes the mask itself as input (not an edge map of it)."""
+    return bool(record.unet_mask_channels) or record.generator == "pix2pix"
 
 
 def planning_condition(model_dir: Path, record: RunRecord, prompt, embeddings_file) -> Condition:
@@ -168,7 +174,7 @@ def _batch_inputs(plan: Plan, batch: list[Job]) -> tuple[dict, list[str], list[s
     arguments = {"condition": values}
     prompts = [plan.condition.value_text(value) for value in values]
     parts = [[part] if (part := plan.condition.value_bytes(value)) is not None else [] for value in values]
-    if plan.record.unet_mask_channels:
+    if draws_for_masks(plan.record):
         masks = {job.source: plan.sources[job.source].fitted_mask(plan.settings["resolution"], plan.settings["fit"])
                  for job in batch}
         arguments["mask_image"] = [masks[job.source] for job in batch]
@@ -216,8 +222,12 @@ def my_batches(jobs: list[Job], batch_size: int, done: set[str], process_index: 
 
 def load_pipeline(plan: Plan, device):
     """The model folder as MedaugPipeline or MedaugControlNetPipeline, with the run's scheduler, on `device`."""
-    from medaug.pipelines import MedaugControlNetPipeline, MedaugMaskPipeline, MedaugPipeline
+    from medaug.pipelines import MedaugControlNetPipeline, MedaugMaskPipeline, MedaugPipeline, MedaugPix2PixPipeline
 
+    if plan.record.generator == "pix2pix":
+        pipeline = MedaugPix2PixPipeline.from_medaug(plan.settings["model_dir"])
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline.to(device)
     pipeline_class = (MedaugControlNetPipeline if plan.controlnet else
                       MedaugMaskPipeline if plan.record.unet_mask_channels else MedaugPipeline)
     pipeline = pipeline_class.from_medaug(plan.settings["model_dir"], scheduler=plan.settings["scheduler"],

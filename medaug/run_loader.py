@@ -25,6 +25,10 @@ SCHEDULERS = {
 }
 
 
+# The weights each non-diffusion generator family's run folder must hold.
+GENERATOR_FILES = {"pix2pix": "pix2pix/config.json"}
+
+
 def make_scheduler(name: str, config):
     """The scheduler `name` (a key of SCHEDULERS) built from a base scheduler's config."""
     import diffusers
@@ -49,6 +53,9 @@ def check_run_files(model_dir: Path, record: RunRecord) -> None:
     if needed and not (model_dir / needed).is_file():
         raise RunRecordError(f"{model_dir}: the run trained its UNet ({record.unet_train_mode}) but {needed} is "
                              "missing; the folder is incomplete (copy it again, or retrain)")
+    weights = GENERATOR_FILES.get(record.generator)
+    if weights and not (model_dir / weights).is_file():
+        raise RunRecordError(f"{model_dir}: a {record.generator} run without {weights}; the folder is incomplete")
     if record.controlnet and not (model_dir / "controlnet" / "config.json").is_file():
         raise RunRecordError(f"{model_dir}: a ControlNet run without controlnet/; the folder is incomplete")
 

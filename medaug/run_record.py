@@ -67,7 +67,9 @@ class RunRecord:
 
 
 def local_base(base: str) -> Path | None:
-    """The base as a folder on this machine, or None for a Hub name."""
+    """The base as a folder on this machine, or None for a Hub name (or no base: generators trained from nothing)."""
+    if not base:
+        return None
     path = Path(base).expanduser()
     return path.resolve() if path.is_dir() else None
 
@@ -161,6 +163,8 @@ def _legacy_channels(raw: dict) -> int:
 
 def model_card(record: RunRecord) -> str:
     """README.md of a run folder, in the shape of diffusers' training scripts' cards."""
+    if record.generator != "latent_diffusion":
+        return generator_card(record)
     settings = ", ".join(f"{key}={value}" for key, value in record.condition_settings.items()) or "none"
     what = "a ControlNet on edge maps" if record.controlnet else f"the UNet ({record.unet_train_mode})"
     load = ("from diffusers import ControlNetModel\ncontrolnet = ControlNetModel.from_pretrained(\"RUN/controlnet\")"
@@ -198,6 +202,33 @@ With stock diffusers alone:
 {load}
 ```
 {_condition_note(record)}
+`medaug_args.json` holds the full record (version {record.version}) and every flag of the run.
+"""
+
+
+def generator_card(record: RunRecord) -> str:
+    """The card of a generator trained from nothing (pix2pix): no base model, the mask is its only input."""
+    return f"""---
+library_name: diffusers
+tags: [medaug, {record.generator}, medical-imaging]
+---
+
+# medaug run: {record.script}
+
+A {record.generator} generator trained from scratch on `{record.train_data_dir}` (split `{record.split}`) for
+{record.steps} steps at {record.resolution} px, seed {record.seed}; it draws an image for a mask
+({record.channels} channel(s)).
+
+```bash
+medaug generate --model_dir RUN --from_masks DATASET_DIR --output_dir SYNTHETIC
+```
+
+```python
+from medaug.pipelines import MedaugPix2PixPipeline
+pipe = MedaugPix2PixPipeline.from_medaug("RUN")
+image = pipe(mask_image=mask).images[0]
+```
+
 `medaug_args.json` holds the full record (version {record.version}) and every flag of the run.
 """
 

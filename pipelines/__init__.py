@@ -9,5 +9,6 @@
 from .medaug_controlnet_pipeline import MedaugControlNetPipeline
 from .medaug_mask_pipeline import MedaugMaskPipeline
 from .medaug_pipeline import MedaugPipeline
+from .medaug_pix2pix_pipeline import MedaugPix2PixPipeline
 
-__all__ = ["MedaugControlNetPipeline", "MedaugMaskPipeline", "MedaugPipeline"]
+__all__ = ["MedaugControlNetPipeline", "MedaugMaskPipeline", "MedaugPipeline", "MedaugPix2PixPipeline"]
