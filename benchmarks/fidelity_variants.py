@@ -13,7 +13,8 @@ image per training mask and scores them with one fidelity segmenter trained on t
   trained from the base in full (no ControlNet);
 - `mask_channels_lr1e-3`: the same at a higher learning rate;
 - `mask_channels_consistency`: `mask_channels` plus the mask-consistency loss (`--consistency_segmenter`), with a
-  segmenter of another seed than the one that scores.
+  segmenter of another seed than the one that scores;
+- `pix2pix`: no diffusion at all (train_pix2pix.py, U-Net + PatchGAN, L1 x 100), the floor to beat.
 
     python benchmarks/fidelity_variants.py --work /tmp/medaug-fidelity
     python benchmarks/fidelity_variants.py --variants mask_channels --checkpoints 250,500 --smoke   # seconds
@@ -32,7 +33,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("controlnet_boundary", "controlnet_filled", "mask_channels", "mask_channels_lr1e-3",
-            "mask_channels_consistency")
+            "mask_channels_consistency", "pix2pix")
 
 
 def parse_args(input_args=None):
@@ -131,7 +132,12 @@ def text_finetune(args, data: Path, base: Path) -> Path:
 
 def train_variant(args, variant: str, data: Path, base: Path, steps: int) -> Path:
     output_dir = args.work / variant
-    if variant.startswith("controlnet"):
+    if variant == "pix2pix":
+        run_script("train_pix2pix", ["--train_data_dir", data, "--resolution", args.resolution, "--seed", args.seed,
+                                     "--output_dir", output_dir, "--max_train_steps", steps, "--train_batch_size",
+                                     args.batch_size, "--checkpointing_steps", min(250, steps),
+                                     "--checkpoints_total_limit", 1, "--random_flip", *resume(output_dir)])
+    elif variant.startswith("controlnet"):
         tuned = text_finetune(args, data, base)
         method = "mask_boundary" if variant == "controlnet_boundary" else "mask_filled"
         run_script("train_controlnet", ["--lora_dir", tuned, *common(args, data, output_dir, steps),

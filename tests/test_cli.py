@@ -56,7 +56,8 @@ def declared_flags(name: str) -> set[str]:
     import typer
 
     command = typer.main.get_command(app).commands[name]
-    return {option for parameter in command.params for option in parameter.opts if option.startswith("--")}
+    options = [option for parameter in command.params for option in [*parameter.opts, *parameter.secondary_opts]]
+    return {option for option in options if option.startswith("--")}
 
 
 @pytest.mark.parametrize("name", sorted(SUBCOMMANDS))

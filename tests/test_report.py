@@ -61,7 +61,9 @@ def report(phantom_dir, tiny_model_dir, tmp_path_factory) -> Path:
 def test_report_is_self_contained(report):
     text = report.read_text()
     sources = re.findall(r'src="([^"]*)"', text)
-    assert len(sources) == 14 + 4 + 1  # every real train image (14, of up to 16 shown), 4 synthetic, the PCA plot
+    # every real train image (14, of up to 16 shown), 4 synthetic, the PCA plot, the label-fidelity histogram and
+    # the worst pairs outlined (all 4 synthetic phantoms hold a lesion)
+    assert len(sources) == 14 + 4 + 1 + 1 + 4
     assert all(source.startswith("data:image/png;base64,") for source in sources)
     assert "http://" not in text and "https://" not in text and "<script" not in text
     assert "extractor <b>hf</b>" in text and "normalised with the image processor" in text
