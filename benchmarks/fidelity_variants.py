@@ -31,6 +31,8 @@ import platform
 import time
 from pathlib import Path
 
+from medaug.training.run_scripts import resume_flag, run_script
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("controlnet_boundary", "controlnet_filled", "mask_channels", "mask_channels_lr1e-3",
             "mask_channels_consistency", "pix2pix")
@@ -101,17 +103,6 @@ def prepare_segmenter(args, data: Path, seed: int, name: str = "segmenter"):
     return segmenter
 
 
-def run_script(name: str, arguments: list):
-    import importlib
-
-    script = importlib.import_module(f"medaug.scripts.{name}")
-    return script.main(script.parse_args([str(value) for value in arguments]))
-
-
-def resume(output_dir: Path) -> list:
-    return ["--resume_from_checkpoint", "latest"] if any(output_dir.glob("checkpoint-*")) else []
-
-
 # ---- variants: each trains its generator to `steps` and returns its run folder --------------------------------
 
 
@@ -119,7 +110,7 @@ def common(args, data: Path, output_dir: Path, steps: int) -> list:
     return ["--train_data_dir", data, "--resolution", args.resolution, "--report_to", "none", "--seed", args.seed,
             "--cache_dir", args.work / "cache", "--output_dir", output_dir, "--max_train_steps", steps,
             "--train_batch_size", args.batch_size, "--checkpointing_steps", min(250, steps),
-            "--checkpoints_total_limit", 1, *resume(output_dir)]
+            "--checkpoints_total_limit", 1, *resume_flag(output_dir)]
 
 
 def text_finetune(args, data: Path, base: Path) -> Path:
@@ -136,7 +127,7 @@ def train_variant(args, variant: str, data: Path, base: Path, steps: int) -> Pat
         run_script("train_pix2pix", ["--train_data_dir", data, "--resolution", args.resolution, "--seed", args.seed,
                                      "--output_dir", output_dir, "--max_train_steps", steps, "--train_batch_size",
                                      args.batch_size, "--checkpointing_steps", min(250, steps),
-                                     "--checkpoints_total_limit", 1, "--random_flip", *resume(output_dir)])
+                                     "--checkpoints_total_limit", 1, "--random_flip", *resume_flag(output_dir)])
     elif variant.startswith("controlnet"):
         tuned = text_finetune(args, data, base)
         method = "mask_boundary" if variant == "controlnet_boundary" else "mask_filled"

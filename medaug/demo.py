@@ -10,7 +10,6 @@ process from the installed `medaug.scripts`, exactly as `python -m medaug.script
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import time
@@ -19,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from medaug.files import write_json_atomic
+from medaug.training.run_scripts import resume_flag, run_script
 
 STAGE_FOLDER = "stages"
 
@@ -56,18 +56,6 @@ class DemoSettings:
 
 class DemoError(ValueError):
     """The demo cannot run as asked; the message names the flag or folder."""
-
-
-def run_script(name: str, arguments: list) -> dict:
-    """Run a training script of medaug.scripts in this process, exactly as `python -m medaug.scripts.NAME ...`
-    would."""
-    script = importlib.import_module(f"medaug.scripts.{name}")
-    return script.main(script.parse_args([str(value) for value in arguments]))
-
-
-def resume_flag(output_dir: Path) -> list[str]:
-    """--resume_from_checkpoint latest when an interrupted run left a checkpoint."""
-    return ["--resume_from_checkpoint", "latest"] if any(output_dir.glob("checkpoint-*")) else []
 
 
 # ---------------------------------------------------------------------------------------------------------

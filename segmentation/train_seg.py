@@ -35,13 +35,16 @@ def train_segmentation(
     augment: bool = False,
     device: torch.device | str = "cpu",
     on_epoch: Callable[[int, float], None] | None = None,
+    max_steps: int | None = None,
+    initial_state: dict | None = None,
 ) -> dict:
-    """Train on `train_items` and return per-image test scores, their means and the training history."""
+    """Train on `train_items` and return per-image test scores, their means and the training history
+    (`max_steps` and `initial_state` as in `fit_segmenter`)."""
     if not test_items:
         raise ValueError("train_segmentation needs training and test items")
     started = time.perf_counter()
     model, fitted = fit_segmenter(train_items, val_items, network, resolution, channels, fit, epochs, batch_size,
-                                  learning_rate, seed, augment, device, on_epoch)
+                                  learning_rate, seed, augment, device, on_epoch, max_steps, initial_state)
     test_batches = evaluation_batches(test_items, resolution, channels, fit, True, batch_size)
     per_image = predict_and_score(model, test_batches, torch.device(device))
     return {"per_image": per_image, "metrics": summarise_segmentation(per_image), **fitted,
@@ -62,9 +65,16 @@ def fit_segmenter(
     augment: bool = False,
     device: torch.device | str = "cpu",
     on_epoch: Callable[[int, float], None] | None = None,
+    max_steps: int | None = None,
+    initial_state: dict | None = None,
+    validations: int = 20,
 ) -> tuple[torch.nn.Module, dict]:
     """The trained network (weights of the epoch with the best validation Dice, or the last without a val split)
-    and {best_epoch, best_val_dice, steps, train_loss, val_dice}."""
+    and {best_epoch, best_val_dice, steps, train_loss, val_dice}.
+
+    With `max_steps`, training stops after exactly that many optimiser steps whatever the data's size (so arms with
+    more images get fewer epochs, not more updates), and validation runs about `validations` times, not every
+    epoch. `initial_state` starts from given weights (fine-tuning after pre-training)."""
     if not train_items:
         raise ValueError("train_segmentation needs training and test items")
     check_resolution("seg", network, resolution)
@@ -72,20 +82,28 @@ def fit_segmenter(
     device = torch.device(device)
     train_set = cached_dataset(train_items, resolution, channels, fit, True, augment, seed)
     loader = make_loader(train_set, batch_size, shuffle=True, generator=generator)
+    if max_steps is not None:
+        epochs = math.ceil(max_steps / len(loader))
+    validate_every = max(1, math.ceil(epochs / validations)) if max_steps is not None else 1
     val_batches = evaluation_batches(val_items, resolution, channels, fit, True, batch_size) if val_items else []
     model = build_network("seg", network, channels, 2).to(device)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
-    history = {"train_loss": [], "val_dice": []}
-    best_state, best_epoch, best_dice = None, epochs, -math.inf
+    history = {"train_loss": [], "val_dice": [], "val_epochs": []}
+    best_state, best_epoch, best_dice, steps = None, epochs, -math.inf, 0
     for epoch in range(1, epochs + 1):
-        loss = _train_epoch(model, loader, optimizer, loss_function, device)
+        limit = None if max_steps is None else max_steps - steps
+        loss, taken = _train_epoch(model, loader, optimizer, loss_function, device, limit)
+        steps += taken
         schedule.step()
         history["train_loss"].append(loss)
-        if val_batches:
+        if val_batches and (epoch % validate_every == 0 or epoch == epochs):
             dice = nanmean(predict_and_score(model, val_batches, device)["dice"])
             history["val_dice"].append(dice)
+            history["val_epochs"].append(epoch)
             if dice > best_dice:
                 best_state, best_epoch, best_dice = copy.deepcopy(model.state_dict()), epoch, dice
         if on_epoch is not None:
@@ -93,13 +111,17 @@ def fit_segmenter(
     if best_state is not None:
         model.load_state_dict(best_state)
     return model, {"best_epoch": best_epoch, "best_val_dice": best_dice if val_batches else math.nan,
-                   "steps": epochs * len(loader), **history}
+                   "steps": steps, "epochs": epochs, **history}
 
 
-def _train_epoch(model, loader, optimizer, loss_function, device) -> float:
+def _train_epoch(model, loader, optimizer, loss_function, device, limit: int | None = None) -> tuple[float, int]:
+    """Mean training loss of one pass over `loader` (stopped after `limit` batches) and the batches taken."""
     model.train()
-    total, count = 0.0, 0
+    total, count, taken = 0.0, 0, 0
     for batch in loader:
+        if limit is not None and taken >= limit:
+            break
+        taken += 1
         images, masks = batch["image"].to(device), batch["mask"].to(device)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_function(model(images), masks)
@@ -107,7 +129,7 @@ def _train_epoch(model, loader, optimizer, loss_function, device) -> float:
         optimizer.step()
         total += loss.item() * images.shape[0]
         count += images.shape[0]
-    return total / max(1, count)
+    return total / max(1, count), taken
 
 
 @torch.no_grad()

@@ -127,3 +127,19 @@ def test_phantom_then_init_model_with_its_prompts(tmp_path):
     assert again.exit_code == 2 and "--output_dir" in again.output and "--overwrite" in again.output
     bad = invoke("init-model", "--output_dir", tmp_path / "other", "--preset", "huge")
     assert bad.exit_code == 2 and "unknown preset 'huge'" in bad.output
+
+
+STUDY_SEG_FLAGS = ["--data", "--output_dir", "--real_fractions", "--seeds", "--generators", "--arms",
+                   "--synthetic_ratio", "--mask_augment", "--filter", "--unlabelled_images", "--seg_steps",
+                   "--diffusion_steps", "--pix2pix_steps", "--quick"]
+
+
+def test_study_seg_takes_exactly_the_listed_flags_and_shows_them():
+    import typer
+
+    command = typer.main.get_command(app).commands["study"].commands["seg"]
+    declared = {option for parameter in command.params for option in parameter.opts if option.startswith("--")}
+    assert declared == set(STUDY_SEG_FLAGS)
+    result = runner.invoke(app, ["study", "seg", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert set(STUDY_SEG_FLAGS) <= set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*(?![\w-])", result.output))

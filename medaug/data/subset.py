@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from medaug.data.folder import DatasetFolder
+from medaug.files import write_text_atomic
 
 FILE_COLUMNS = ("file_name", "mask_file_name", "conditioning_image_file_name", "embedding_file_name")
 
@@ -44,11 +45,16 @@ def write_subset(source: str | Path, target: str | Path, fraction: float, seed: 
                  column: str = "label") -> Path:
     """Copy a dataset folder keeping a stratified `fraction` of its `split` rows and every other row."""
     folder = DatasetFolder(source)
+    kept = set(stratified_rows(folder, split, fraction, seed, column))
+    return write_rows(folder, target, [i for i in range(len(folder)) if folder.split(i) != split or i in kept])
+
+
+def write_rows(folder: DatasetFolder, target: str | Path, keep: list[int]) -> Path:
+    """Copy the rows `keep` of a dataset folder, with their files, into the empty folder `target`. The metadata
+    is written last, under a temporary name: a folder with metadata.csv is complete."""
     target = Path(target)
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target}: exists and is not empty; choose an empty folder")
-    kept = set(stratified_rows(folder, split, fraction, seed, column))
-    keep = [i for i in range(len(folder)) if folder.split(i) != split or i in kept]
     table = folder.table.iloc[keep]
     for column_name in FILE_COLUMNS:
         if column_name not in table.columns:
@@ -59,5 +65,5 @@ def write_subset(source: str | Path, target: str | Path, fraction: float, seed: 
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(folder.root / relative, destination)
     target.mkdir(parents=True, exist_ok=True)
-    table.to_csv(target / "metadata.csv", index=False)
+    write_text_atomic(target / "metadata.csv", table.to_csv(index=False))
     return target

@@ -100,7 +100,7 @@ def lesion_dice(segmenter: FidelitySegmenter, items: list[dict]) -> list[dict]:
     """Per item: file_name, whether its fitted mask holds a lesion, and (if so) the segmenter's Dice on it."""
     predictions, masks = segmenter.predict(items)
     return [{"file_name": item["file_name"], "lesion": bool(mask.any()),
-             "dice": dice(prediction, mask) if mask.any() else None}
+             "dice": dice(prediction, mask) if mask.any() else None, "predicted_pixels": int(prediction.sum())}
             for item, prediction, mask in zip(items, predictions, masks)]
 
 

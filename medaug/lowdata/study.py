@@ -1,0 +1,284 @@
+"""`medaug study seg`: does synthetic data help a segmenter when labels are scarce? Asked fairly.
+
+For each real fraction: a stratified subset (nested across fractions, whole patients) written as its own folder;
+every generator trained on that folder only; pairs generated for its masks (or for new mask shapes made from them,
+`mask_augment`), scored by a segmenter trained on the subset and optionally filtered by that score; then the arms,
+each trained for the same number of optimiser steps over `seeds` seeds and scored on the real test split:
+
+- `real`: the subset alone; `real+classical`: with classical augmentation;
+- `real+synthetic`, `real+classical+synthetic`: plus `synthetic_ratio` x as many synthetic pairs;
+- `synthetic_pretrain`: half the steps on synthetic pairs, then half on the subset.
+
+Every stage leaves a file that marks it finished (a subset's metadata.csv, a run's medaug_args.json, a synthetic
+folder's manifest, a run's result.json), so a study started again on its output folder goes on where it stopped, and
+a generator is trained once per subset and used by every seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from medaug.files import write_json_atomic
+from medaug.lowdata.filter import FilterRule, keep_pairs
+from medaug.lowdata.generators import GENERATORS, GeneratorSettings, generate_pairs, train_generator
+from medaug.lowdata.subsets import subset_name, write_nested_subsets
+
+ARMS = ("real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic_pretrain")
+SYNTHETIC_ARMS = ARMS[2:]
+UNLABELLED = ("labelled", "all")
+SETTINGS_FILE = "study_settings.json"
+OVERLAY_IMAGES = 4
+
+
+class LowDataStudyError(ValueError):
+    """The study cannot run as asked; the message names the flag or folder."""
+
+
+@dataclass(frozen=True)
+class LowDataSettings:
+    real_fractions: tuple[float, ...] = (0.1, 0.25, 1.0)
+    seeds: int = 3
+    generators: tuple[str, ...] = ("mask_channels", "pix2pix")
+    arms: tuple[str, ...] = ARMS
+    synthetic_ratio: float = 1.0
+    mask_augment: bool = False
+    filter: str | None = None
+    unlabelled_images: str = "labelled"
+    seg_steps: int = 1500
+    seg_resolution: int = 64
+    seg_batch_size: int = 16
+    seg_learning_rate: float = 1e-3
+    subset_seed: int = 0
+    generator: GeneratorSettings = field(default_factory=GeneratorSettings)
+
+    @classmethod
+    def quick(cls, **overrides) -> LowDataSettings:
+        """Every stage, tiny: for tests and a first look (minutes on a CPU), measures nothing."""
+        tiny = GeneratorSettings(preset="tiny", vae_steps=4, base_steps=4, diffusion_steps=4, controlnet_steps=4,
+                                 pix2pix_steps=4, batch_size=4, segmenter_epochs=2, inference_steps=2)
+        return cls(**{"seeds": 1, "seg_steps": 6, "seg_batch_size": 4, "generator": tiny, **overrides})
+
+    def check(self) -> None:
+        """Refuse settings that cannot run, naming the flag."""
+        problems = {
+            "--real_fractions": not self.real_fractions or any(not 0 < f <= 1 for f in self.real_fractions),
+            "--seeds": self.seeds < 1,
+            "--generators": any(g not in GENERATORS for g in self.generators),
+            "--arms": not self.arms or any(a not in ARMS for a in self.arms),
+            "--synthetic_ratio": not self.synthetic_ratio > 0,
+            "--unlabelled_images": self.unlabelled_images not in UNLABELLED,
+            "--seg_steps": self.seg_steps < 2,
+        }
+        for flag, bad in problems.items():
+            if bad:
+                value = getattr(self, flag[2:])
+                raise LowDataStudyError(f"{flag}: cannot use {value!r} (arms: {', '.join(ARMS)}; generators: "
+                                        f"{', '.join(GENERATORS)}; --unlabelled_images: {' or '.join(UNLABELLED)})")
+        if any(a in SYNTHETIC_ARMS for a in self.arms) and not self.generators:
+            raise LowDataStudyError("--generators: the synthetic arms need at least one generator")
+        if self.filter is not None:
+            try:
+                FilterRule.parse(self.filter)
+            except ValueError as error:
+                raise LowDataStudyError(str(error)) from error
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    generator: str | None  # None for the arms without synthetic data
+    fraction: float
+
+    @property
+    def key(self) -> str:
+        name = self.name.replace("+", "-")
+        return f"{subset_name(self.fraction)}_{name}" + (f"_{self.generator}" if self.generator else "")
+
+
+def plan_arms(settings: LowDataSettings) -> list[Arm]:
+    arms = []
+    for fraction in settings.real_fractions:
+        for name in settings.arms:
+            generators = settings.generators if name in SYNTHETIC_ARMS else (None,)
+            arms += [Arm(name, generator, fraction) for generator in generators]
+    return arms
+
+
+# ---- stages ------------------------------------------------------------------------------------------------
+
+
+def open_study(output_dir: Path, data: Path, settings: LowDataSettings) -> None:
+    """Create the folder, or reopen one made with the same data and settings (refused otherwise)."""
+    recorded = {"data": str(data.resolve()), "settings": json.loads(json.dumps(asdict(settings)))}
+    path = output_dir / SETTINGS_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = sorted(key for key in recorded["settings"] if previous["settings"].get(key) !=
+                         recorded["settings"][key]) + (["data"] if previous["data"] != recorded["data"] else [])
+        if changed:
+            raise LowDataStudyError(f"--output_dir {output_dir}: holds a study with other {', '.join(changed)}; "
+                                    "its finished stages would not compare, so choose a new --output_dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, recorded, indent=2)
+
+
+def scorer_for(subset: Path, work: Path, settings: LowDataSettings):
+    """The segmenter (seed `subset_seed`) that scores and filters the pairs; trained on the subset once."""
+    from medaug.metrics.fidelity import SEGMENTER_CONFIG, FidelitySegmenter, train_fidelity_segmenter
+
+    folder = work / "scorer"
+    if (folder / SEGMENTER_CONFIG).is_file():
+        return FidelitySegmenter.load(folder)
+    segmenter = train_fidelity_segmenter(subset, settings.generator.resolution, settings.generator.segmenter_epochs,
+                                         settings.subset_seed)
+    segmenter.save(folder)
+    return segmenter
+
+
+def mask_source(subset: Path, work: Path, wanted: int, settings: LowDataSettings) -> Path:
+    """The folder whose training masks the generators draw for: the subset's own, or new shapes made from them."""
+    from medaug.data import DatasetFolder
+    from medaug.data.mask_augment import write_mask_dataset
+
+    if not settings.mask_augment:
+        return subset
+    folder = work / "new_masks"
+    if not (folder / "metadata.csv").is_file():
+        lesions = max(1, len(DatasetFolder(subset).indices("train")))
+        write_mask_dataset(subset, folder, max(1, math.ceil(wanted / lesions)), settings.generator.resolution,
+                           seed=settings.subset_seed)
+    return folder
+
+
+def synthetic_pairs(generator: str, subset: Path, work: Path, synthetic_dir: Path, wanted: int, scorer,
+                    settings: LowDataSettings, unlabelled: Path | None) -> dict:
+    """Train, generate, score and (optionally) filter one generator's pairs; the outcome is kept in pairs.json."""
+    from medaug.metrics.fidelity import label_fidelity, record_in_manifest
+
+    record_path = synthetic_dir / "pairs.json"
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    run_dir = train_generator(generator, subset, work, settings.generator, unlabelled)
+    # With a filter, generate twice as many so that about as many remain after it.
+    count = wanted * (2 if settings.filter else 1)
+    generated = generate_pairs(run_dir, mask_source(subset, work, count, settings), synthetic_dir, count,
+                               settings.generator)
+    fidelity = label_fidelity(scorer, synthetic_dir)
+    record_in_manifest(synthetic_dir, fidelity["per_pair"])
+    if settings.filter:
+        kept, acceptance = keep_pairs(fidelity["per_pair"], FilterRule.parse(settings.filter))
+    else:
+        kept, acceptance = {pair["file_name"] for pair in fidelity["per_pair"]}, None
+    record = {"generator": generator, "run_dir": str(run_dir), "generated": generated,
+              "fidelity": {key: fidelity[key] for key in ("synthetic_dice", "real_dice", "ratio", "share_above_0_5",
+                                                          "pairs")},
+              "dice": [pair["dice"] for pair in fidelity["per_pair"] if pair["lesion"]],
+              "filter": acceptance, "kept": sorted(kept)}
+    write_json_atomic(record_path, record)
+    return record
+
+
+def run_arm(arm: Arm, seed: int, data, synthetic: list[dict], settings: LowDataSettings, run_dir: Path) -> dict:
+    """Train one arm at one seed for `seg_steps` optimiser steps and score it on the real test split."""
+    import torch
+
+    from medaug.segmentation.study import synthetic_sample
+    from medaug.segmentation.train_seg import fit_segmenter, predict_and_score, summarise_segmentation
+    from medaug.segmentation.common import evaluation_batches
+
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    options = dict(resolution=settings.seg_resolution, batch_size=settings.seg_batch_size, seed=seed,
+                   learning_rate=settings.seg_learning_rate)
+    real = data.train
+    extra = synthetic_sample(synthetic, round(settings.synthetic_ratio * len(real)), seed) if arm.generator else []
+    steps = settings.seg_steps
+    if arm.name == "synthetic_pretrain":
+        pretrained, pre_history = fit_segmenter(extra, data.val, max_steps=steps // 2, **options)
+        model, history = fit_segmenter(real, data.val, max_steps=steps - steps // 2,
+                                       initial_state=pretrained.state_dict(), **options)
+        history["pretrain"] = pre_history
+    else:
+        items = real + extra if arm.name in ("real+synthetic", "real+classical+synthetic") else real
+        model, history = fit_segmenter(items, data.val, max_steps=steps, augment="classical" in arm.name, **options)
+    batches = evaluation_batches(data.test, settings.seg_resolution, 1, "pad", True, settings.seg_batch_size)
+    per_image = predict_and_score(model, batches, torch.device("cpu"))
+    overlay = _overlay_items(data.test)
+    with torch.no_grad():
+        model.eval()
+        shown = evaluation_batches(overlay, settings.seg_resolution, 1, "pad", True, OVERLAY_IMAGES)
+        predictions = [model(batch["image"]).argmax(dim=1).numpy().astype(bool) for batch in shown]
+    np.savez_compressed(run_dir / "overlay_predictions.npz", masks=np.concatenate(predictions))
+    result = {"arm": arm.name, "generator": arm.generator, "real_fraction": arm.fraction, "seed": seed,
+              "n_real": len(real), "n_synthetic": len(extra), "steps": steps, "per_image": per_image,
+              "metrics": summarise_segmentation(per_image), "history": history}
+    write_json_atomic(result_path, result)
+    return result
+
+
+def _overlay_items(test: list[dict]) -> list[dict]:
+    """The first test images with a lesion: every arm's prediction is shown on these same images."""
+    from medaug.data import load_mask
+
+    lesions = [item for item in test if load_mask(item["mask"]).any()]
+    return lesions[:OVERLAY_IMAGES]
+
+
+# ---- the study ---------------------------------------------------------------------------------------------
+
+
+def run_lowdata_study(data: str | Path, output_dir: str | Path, settings: LowDataSettings,
+                      on_stage: Callable[[str], None] | None = None) -> dict:
+    """Run (or resume) every stage and write summary.json, results.md and report.html; return the summary."""
+    from medaug.lowdata.summary import write_outputs
+    from medaug.segmentation.inputs import load_study_data
+
+    settings.check()
+    data, output_dir = Path(data), Path(output_dir)
+    if not (data / "metadata.csv").is_file() and not (data / "metadata.jsonl").is_file():
+        raise LowDataStudyError(f"--data: {data} holds no metadata.csv or metadata.jsonl")
+    open_study(output_dir, data, settings)
+    say = on_stage or (lambda text: None)
+    say("subsets")
+    subsets = write_nested_subsets(data, output_dir / "subsets", list(settings.real_fractions), settings.subset_seed)
+    unlabelled = data if settings.unlabelled_images == "all" else None
+    pairs, results = {}, []
+    for fraction, subset in subsets.items():
+        work = output_dir / "generators" / subset_name(fraction)
+        real = load_study_data("seg", subset)
+        wanted = math.ceil(settings.synthetic_ratio * len(real.train))
+        scorer = scorer_for(subset, work, settings)
+        synthetic: dict[str, list[dict]] = {}
+        for generator in settings.generators:
+            say(f"{subset_name(fraction)}: generator {generator}")
+            synthetic_dir = output_dir / "synthetic" / subset_name(fraction) / generator
+            record = synthetic_pairs(generator, subset, work, synthetic_dir, wanted, scorer, settings, unlabelled)
+            pairs[(fraction, generator)] = record
+            kept = set(record["kept"])
+            items = load_study_data("seg", subset, [synthetic_dir]).synthetic
+            synthetic[generator] = [item for item in items if item["file_name"] in kept]
+        for arm in [arm for arm in plan_arms(settings) if arm.fraction == fraction]:
+            for seed in range(settings.seeds):
+                say(f"{arm.key} seed {seed}")
+                run_dir = output_dir / "runs" / f"{arm.key}_s{seed}"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                results.append(run_arm(arm, seed, real, synthetic.get(arm.generator, []), settings, run_dir))
+    say("report")
+    return write_outputs(output_dir, settings, results, pairs, subsets)
+
+
+def settings_from_flags(quick: bool, **flags) -> LowDataSettings:
+    """Settings from the command line: flags left as None keep the default (or --quick's) value."""
+    given = {key: value for key, value in flags.items() if value is not None}
+    generator_keys = {item for item in GeneratorSettings.__dataclass_fields__}
+    generator_overrides = {key: given.pop(key) for key in list(given) if key in generator_keys}
+    settings = LowDataSettings.quick() if quick else LowDataSettings()
+    settings = replace(settings, **given)
+    return replace(settings, generator=replace(settings.generator, **generator_overrides))

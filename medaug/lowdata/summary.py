@@ -1,0 +1,261 @@
+"""What a low-data study writes: `summary.json` (for other tools), `results.md` (a table) and `report.html`.
+
+Each arm x generator x real fraction is a group of runs, one per seed. Its score is the mean test Dice over seeds
+with a 95% Student-t interval; its differences against `real` and against `real+classical` are paired by seed
+(same subset, same seed, same test images) and summarised the same way.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+
+from medaug.files import write_json_atomic, write_text_atomic
+from medaug.lowdata.subsets import subset_name
+from medaug.segmentation.stats import mean_ci
+
+METRIC = "dice"
+
+
+def _interval(values: list[float]) -> dict:
+    mean, half = mean_ci(values)
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def _by_seed(results: list[dict], arm: str, generator, fraction: float) -> dict[int, float]:
+    return {r["seed"]: r["metrics"][METRIC] for r in results
+            if r["arm"] == arm and r["generator"] == generator and r["real_fraction"] == fraction}
+
+
+def _delta(scores: dict[int, float], baseline: dict[int, float]) -> dict | None:
+    seeds = sorted(set(scores) & set(baseline))
+    if not seeds or scores is baseline:
+        return None
+    return {**_interval([scores[s] - baseline[s] for s in seeds]), "seeds": len(seeds)}
+
+
+def summary_rows(results: list[dict]) -> list[dict]:
+    keys = list(dict.fromkeys((r["arm"], r["generator"], r["real_fraction"]) for r in results))
+    rows = []
+    for arm, generator, fraction in keys:
+        scores = _by_seed(results, arm, generator, fraction)
+        real = _by_seed(results, "real", None, fraction)
+        classical = _by_seed(results, "real+classical", None, fraction)
+        runs = [r for r in results if (r["arm"], r["generator"], r["real_fraction"]) == (arm, generator, fraction)]
+        rows.append({"arm": arm, "generator": generator, "real_fraction": fraction, **_interval(list(scores.values())),
+                     "seeds": len(scores), "steps": runs[0]["steps"], "n_real": runs[0]["n_real"],
+                     "n_synthetic": runs[0]["n_synthetic"],
+                     "dice_lesion": float(np.mean([r["metrics"]["dice_lesion"] for r in runs])),
+                     "hd95": float(np.nanmean([r["metrics"]["hd95"] for r in runs])),
+                     "delta_vs_real": None if arm == "real" else _delta(scores, real),
+                     "delta_vs_classical": None if arm == "real+classical" else _delta(scores, classical)})
+    return rows
+
+
+def _generator_rows(pairs: dict) -> list[dict]:
+    rows = []
+    for (fraction, generator), record in pairs.items():
+        fidelity, accepted = record["fidelity"], record["filter"]
+        rows.append({"real_fraction": fraction, "generator": generator, "generated": record["generated"]["total"],
+                     "kept": len(record["kept"]), **{f"fidelity_{k}": v for k, v in fidelity.items()},
+                     "filter": accepted})
+    return rows
+
+
+def write_outputs(output_dir: Path, settings, results: list[dict], pairs: dict, subsets: dict) -> dict:
+    from dataclasses import asdict
+
+    summary = {"task": "seg", "metric": METRIC, "rows": summary_rows(results), "generators": _generator_rows(pairs),
+               "settings": asdict(settings),
+               "subsets": {subset_name(f): str(path) for f, path in subsets.items()},
+               "equal_steps": f"every arm trained for {settings.seg_steps} optimiser steps (batch "
+                              f"{settings.seg_batch_size}); synthetic_pretrain: half on synthetic pairs, half on real"}
+    write_json_atomic(output_dir / "summary.json", summary, indent=2)
+    write_text_atomic(output_dir / "results.md", markdown(summary))
+    write_text_atomic(output_dir / "report.html", render_html(output_dir, summary, results, pairs))
+    return summary
+
+
+def _ci(block: dict | None, signed: bool = False) -> str:
+    if block is None:
+        return "–"
+    sign = "+" if signed else ""
+    if math.isnan(block["ci_low"]):
+        return f"{block['mean']:{sign}.3f}"
+    return f"{block['mean']:{sign}.3f} [{block['ci_low']:{sign}.3f}, {block['ci_high']:{sign}.3f}]"
+
+
+def table_rows(summary: dict) -> list[list[str]]:
+    return [[f"{row['real_fraction']:g}", row["arm"], row["generator"] or "–", f"{row['n_real']}+{row['n_synthetic']}",
+             _ci(row), _ci(row["delta_vs_real"], True), _ci(row["delta_vs_classical"], True),
+             f"{row['dice_lesion']:.3f}", f"{row['hd95']:.1f}", str(row["seeds"])] for row in summary["rows"]]
+
+
+HEADER = ["real fraction", "arm", "generator", "images (real+synthetic)", "Dice (95% CI)", "Δ vs real",
+          "Δ vs real+classical", "Dice (lesion images)", "HD95 px", "seeds"]
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
+    generators = ["", "| real fraction | generator | pairs generated | kept | label fidelity ratio | synthetic Dice |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+    generators += [f"| {g['real_fraction']:g} | {g['generator']} | {g['generated']} | {g['kept']} | "
+                   f"{g['fidelity_ratio']:.2f} | {g['fidelity_synthetic_dice']:.3f} |" for g in summary["generators"]]
+    return "\n".join([f"Test Dice over seeds; {summary['equal_steps']}.", "", *lines, *generators]) + "\n"
+
+
+# ---- report.html -------------------------------------------------------------------------------------------
+
+
+def _figure_uri(figure) -> str:
+    import base64
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def dice_plot(summary: dict) -> str:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    series: dict[str, list[dict]] = {}
+    for row in summary["rows"]:
+        series.setdefault(row["arm"] + (f" ({row['generator']})" if row["generator"] else ""), []).append(row)
+    for name, rows in series.items():
+        rows = sorted(rows, key=lambda r: r["real_fraction"])
+        errors = [0 if math.isnan(r["ci_high"]) else r["ci_high"] - r["mean"] for r in rows]
+        axis.errorbar([r["real_fraction"] for r in rows], [r["mean"] for r in rows], yerr=errors, marker="o",
+                      capsize=3, label=name)
+    axis.set_xlabel("real fraction of the training split")
+    axis.set_ylabel("test Dice")
+    axis.legend(fontsize=6)
+    figure.tight_layout()
+    return _figure_uri(figure)
+
+
+def learning_curve_plot(results: list[dict]) -> str:
+    """Validation Dice of the real-only arm against epochs: has it stopped rising by the last step?"""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.2))
+    for result in results:
+        if result["arm"] == "real" and result["history"]["val_dice"]:
+            history = result["history"]
+            axis.plot(history["val_epochs"], history["val_dice"], alpha=0.7,
+                      label=f"{subset_name(result['real_fraction'])} seed {result['seed']}")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("val Dice (real only)")
+    axis.legend(fontsize=6)
+    figure.tight_layout()
+    return _figure_uri(figure)
+
+
+def fidelity_plot(pairs: dict) -> str:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.2))
+    for (fraction, generator), record in pairs.items():
+        if record["dice"]:
+            axis.hist(record["dice"], bins=20, range=(0, 1), alpha=0.5, label=f"{subset_name(fraction)} {generator}")
+    axis.set_xlabel("Dice of the scorer on a synthetic image against its own mask")
+    axis.set_ylabel("pairs")
+    axis.legend(fontsize=6)
+    figure.tight_layout()
+    return _figure_uri(figure)
+
+
+def _thumbs(views: list[tuple[str, np.ndarray]]) -> str:
+    from medaug.report import png_data_uri
+
+    cells = [f'<figure style="margin:0"><img src="{png_data_uri(view)}" alt="{html.escape(caption)}">'
+             f'<figcaption class="caption">{html.escape(caption)}</figcaption></figure>' for caption, view in views]
+    return f'<div class="grid">{"".join(cells)}</div>'
+
+
+def pair_views(synthetic_dir: Path, kept: list[str], count: int = 8) -> list[tuple[str, np.ndarray]]:
+    from medaug.data import DatasetFolder, load_image, load_mask
+    from medaug.report import outlined
+
+    folder = DatasetFolder(synthetic_dir)
+    kept_set = set(kept[:count])
+    views = []
+    for index in range(len(folder)):
+        name = folder.value(index, "file_name")
+        if name in kept_set:
+            image, mask = load_image(folder.path(index, "file_name"), 1), load_mask(folder.path(index, "mask_file_name"))
+            views.append((Path(name).name, outlined(image, mask > 0)))
+    return views
+
+
+def overlay_views(output_dir: Path, results: list[dict], fraction: float) -> str:
+    """Each arm's (seed 0) predictions, cyan, on the same test images with their masks, red."""
+    from medaug.data import load_image, load_mask
+    from medaug.lowdata.study import _overlay_items
+    from medaug.report import outlined
+    from medaug.segmentation.inputs import load_study_data
+
+    subset = output_dir / "subsets" / subset_name(fraction)
+    items = _overlay_items(load_study_data("seg", subset, check_images=False).test)
+    blocks = []
+    for result in results:
+        if result["real_fraction"] != fraction or result["seed"] != 0:
+            continue
+        name = result["arm"] + (f" ({result['generator']})" if result["generator"] else "")
+        key = f"{subset_name(fraction)}_{result['arm'].replace('+', '-')}" + \
+            (f"_{result['generator']}" if result["generator"] else "")
+        predictions = np.load(output_dir / "runs" / f"{key}_s0" / "overlay_predictions.npz")["masks"]
+        views = [(f"{name}: {Path(item['file_name']).name}",
+                  outlined(load_image(item["image"], 1), load_mask(item["mask"]) > 0, 128, prediction))
+                 for item, prediction in zip(items, predictions)]
+        blocks.append(f"<h3>{html.escape(name)}</h3>{_thumbs(views)}")
+    return "".join(blocks)
+
+
+def render_html(output_dir: Path, summary: dict, results: list[dict], pairs: dict) -> str:
+    from medaug.report import STYLE, _table
+
+    fractions = sorted({row["real_fraction"] for row in summary["rows"]})
+    shown = min(fractions, key=lambda f: abs(f - 0.25)) if fractions else None
+    generator_table = _table([[f"{g['real_fraction']:g}", g["generator"], str(g["generated"]), str(g["kept"]),
+                               f"{g['fidelity_ratio']:.2f}", f"{g['fidelity_synthetic_dice']:.3f}",
+                               f"{g['fidelity_real_dice']:.3f}",
+                               "–" if g["filter"] is None else f"{g['filter']['acceptance']:.0%} "
+                                                               f"(Dice ≥ {g['filter']['threshold']:.2f})"]
+                              for g in summary["generators"]],
+                             ["real fraction", "generator", "pairs", "kept", "fidelity ratio", "synthetic Dice",
+                              "real test Dice", "filter acceptance"])
+    pair_blocks = "".join(
+        f"<h3>{html.escape(subset_name(f))} {html.escape(g)}</h3>"
+        f"{_thumbs(pair_views(output_dir / 'synthetic' / subset_name(f) / g, record['kept']))}"
+        for (f, g), record in pairs.items() if f == shown)
+    body = [
+        "<h1>medaug low-data segmentation study</h1>",
+        f"<p>Test Dice on the real test split, mean over seeds with 95% CI; Δ columns pair runs by seed. "
+        f"{html.escape(summary['equal_steps'])}. Each generator learned from its subset only.</p>",
+        _table(table_rows(summary), HEADER),
+        f'<h2>Dice against real fraction</h2><img src="{dice_plot(summary)}" alt="Dice against real fraction">',
+        "<h2>Has real-only finished learning?</h2><p>Validation Dice of the real-only arm over its training.</p>",
+        f'<img src="{learning_curve_plot(results)}" alt="real-only learning curve">',
+        "<h2>Generators: label fidelity and filter</h2>", generator_table,
+        f'<img src="{fidelity_plot(pairs)}" alt="label fidelity distribution">',
+        f"<h2>Generated pairs ({html.escape(subset_name(shown)) if shown else ''}; mask in red)</h2>", pair_blocks,
+        f"<h2>Predictions on the same test images ({html.escape(subset_name(shown)) if shown else ''}; "
+        "mask red, prediction cyan)</h2>", overlay_views(output_dir, results, shown) if shown is not None else "",
+    ]
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>medaug study</title><style>{STYLE}</style>"
+            f"</head><body>{''.join(body)}</body></html>")
