@@ -72,7 +72,7 @@ def write_outputs(output_dir: Path, settings, results: list[dict], pairs: dict, 
     summary = {"task": "seg", "metric": METRIC, "rows": summary_rows(results), "generators": _generator_rows(pairs),
                "settings": asdict(settings),
                "subsets": {subset_name(f): str(path) for f, path in subsets.items()},
-               "equal_steps": f"every arm trained for {settings.seg_steps} optimiser steps (batch "
+               "equal_steps": f"Every arm trained for {settings.seg_steps} optimiser steps (batch "
                               f"{settings.seg_batch_size}); synthetic_pretrain: half on synthetic pairs, half on real"}
     write_json_atomic(output_dir / "summary.json", summary, indent=2)
     write_text_atomic(output_dir / "results.md", markdown(summary))
@@ -106,7 +106,7 @@ def markdown(summary: dict) -> str:
                   "| --- | --- | --- | --- | --- | --- |"]
     generators += [f"| {g['real_fraction']:g} | {g['generator']} | {g['generated']} | {g['kept']} | "
                    f"{g['fidelity_ratio']:.2f} | {g['fidelity_synthetic_dice']:.3f} |" for g in summary["generators"]]
-    return "\n".join([f"Test Dice over seeds; {summary['equal_steps']}.", "", *lines, *generators]) + "\n"
+    return "\n".join([f"Test Dice over seeds. {summary['equal_steps']}.", "", *lines, *generators]) + "\n"
 
 
 # ---- report.html -------------------------------------------------------------------------------------------
@@ -157,9 +157,10 @@ def learning_curve_plot(results: list[dict]) -> str:
     for result in results:
         if result["arm"] == "real" and result["history"]["val_dice"]:
             history = result["history"]
-            axis.plot(history["val_epochs"], history["val_dice"], alpha=0.7,
+            steps_per_epoch = history["steps"] / max(1, history["epochs"])
+            axis.plot([epoch * steps_per_epoch for epoch in history["val_epochs"]], history["val_dice"], alpha=0.7,
                       label=f"{subset_name(result['real_fraction'])} seed {result['seed']}")
-    axis.set_xlabel("epoch")
+    axis.set_xlabel("optimiser step")
     axis.set_ylabel("val Dice (real only)")
     axis.legend(fontsize=6)
     figure.tight_layout()
@@ -249,7 +250,8 @@ def render_html(output_dir: Path, summary: dict, results: list[dict], pairs: dic
         f"{html.escape(summary['equal_steps'])}. Each generator learned from its subset only.</p>",
         _table(table_rows(summary), HEADER),
         f'<h2>Dice against real fraction</h2><img src="{dice_plot(summary)}" alt="Dice against real fraction">',
-        "<h2>Has real-only finished learning?</h2><p>Validation Dice of the real-only arm over its training.</p>",
+        "<h2>Has real-only finished learning?</h2><p>Validation Dice of the real-only arm over its training: a gain "
+        "counts only against a real-only arm that has stopped improving.</p>",
         f'<img src="{learning_curve_plot(results)}" alt="real-only learning curve">',
         "<h2>Generators: label fidelity and filter</h2>", generator_table,
         f'<img src="{fidelity_plot(pairs)}" alt="label fidelity distribution">',
