@@ -35,16 +35,13 @@ def train_segmentation(
     augment: bool = False,
     device: torch.device | str = "cpu",
     on_epoch: Callable[[int, float], None] | None = None,
-    max_steps: int | None = None,
-    initial_state: dict | None = None,
 ) -> dict:
-    """Train on `train_items` and return per-image test scores, their means and the training history
-    (`max_steps` and `initial_state` as in `fit_segmenter`)."""
+    """Train on `train_items` and return per-image test scores, their means and the training history."""
     if not test_items:
         raise ValueError("train_segmentation needs training and test items")
     started = time.perf_counter()
     model, fitted = fit_segmenter(train_items, val_items, network, resolution, channels, fit, epochs, batch_size,
-                                  learning_rate, seed, augment, device, on_epoch, max_steps, initial_state)
+                                  learning_rate, seed, augment, device, on_epoch)
     test_batches = evaluation_batches(test_items, resolution, channels, fit, True, batch_size)
     per_image = predict_and_score(model, test_batches, torch.device(device))
     return {"per_image": per_image, "metrics": summarise_segmentation(per_image), **fitted,

@@ -166,6 +166,10 @@ def test_a_rerun_resumes_and_other_settings_are_refused(guarded_phantom, quick_s
     again = run_lowdata_study(data, output, settings)
     assert [path.stat().st_mtime_ns for path in results] == stamps
     assert json.dumps(again["rows"]) == json.dumps(summary["rows"])  # NaN (one seed) compares as text
+    fewer = run_lowdata_study(data, output, LowDataSettings.quick(real_fractions=(0.5,), arms=("real",),
+                                                                 generators=("pix2pix",), filter="q0.25"))
+    assert [row["arm"] for row in fewer["rows"]] == ["real"]  # a smaller plan reuses what is finished
+    assert [path.stat().st_mtime_ns for path in results] == stamps
     with pytest.raises(LowDataStudyError, match="seg_steps"):
         run_lowdata_study(data, output, LowDataSettings.quick(real_fractions=(0.5,), seg_steps=8,
                                                              generators=("pix2pix", "mask_channels"),

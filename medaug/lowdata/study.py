@@ -33,6 +33,7 @@ ARMS = ("real", "real+classical", "real+synthetic", "real+classical+synthetic", 
 SYNTHETIC_ARMS = ARMS[2:]
 UNLABELLED = ("labelled", "all")
 SETTINGS_FILE = "study_settings.json"
+GROWABLE = ("real_fractions", "seeds", "arms", "generators")  # a resumed study may ask for more of these
 OVERLAY_IMAGES = 4
 
 
@@ -114,13 +115,15 @@ def plan_arms(settings: LowDataSettings) -> list[Arm]:
 
 
 def open_study(output_dir: Path, data: Path, settings: LowDataSettings) -> None:
-    """Create the folder, or reopen one made with the same data and settings (refused otherwise)."""
+    """Create the folder, or reopen one made with the same data and settings (refused otherwise). More fractions,
+    seeds, arms or generators may be asked for: what is finished keeps its meaning, and only what is new runs."""
     recorded = {"data": str(data.resolve()), "settings": json.loads(json.dumps(asdict(settings)))}
     path = output_dir / SETTINGS_FILE
     if path.is_file():
         previous = json.loads(path.read_text())
-        changed = sorted(key for key in recorded["settings"] if previous["settings"].get(key) !=
-                         recorded["settings"][key]) + (["data"] if previous["data"] != recorded["data"] else [])
+        changed = sorted(key for key in recorded["settings"] if key not in GROWABLE and
+                         previous["settings"].get(key) != recorded["settings"][key])
+        changed += ["data"] if previous["data"] != recorded["data"] else []
         if changed:
             raise LowDataStudyError(f"--output_dir {output_dir}: holds a study with other {', '.join(changed)}; "
                                     "its finished stages would not compare, so choose a new --output_dir")
@@ -150,8 +153,8 @@ def mask_source(subset: Path, work: Path, wanted: int, settings: LowDataSettings
         return subset
     folder = work / "new_masks"
     if not (folder / "metadata.csv").is_file():
-        lesions = max(1, len(DatasetFolder(subset).indices("train")))
-        write_mask_dataset(subset, folder, max(1, math.ceil(wanted / lesions)), settings.generator.resolution,
+        rows = max(1, len(DatasetFolder(subset).indices("train")))  # new masks come from lesion rows only
+        write_mask_dataset(subset, folder, max(1, math.ceil(wanted / rows)), settings.generator.resolution,
                            seed=settings.subset_seed)
     return folder
 
@@ -188,15 +191,15 @@ def run_arm(arm: Arm, seed: int, data, synthetic: list[dict], settings: LowDataS
     """Train one arm at one seed for `seg_steps` optimiser steps and score it on the real test split."""
     import torch
 
+    from medaug.segmentation.common import evaluation_batches
     from medaug.segmentation.study import synthetic_sample
     from medaug.segmentation.train_seg import fit_segmenter, predict_and_score, summarise_segmentation
-    from medaug.segmentation.common import evaluation_batches
 
     result_path = run_dir / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
-    options = dict(resolution=settings.seg_resolution, batch_size=settings.seg_batch_size, seed=seed,
-                   learning_rate=settings.seg_learning_rate)
+    options = {"resolution": settings.seg_resolution, "batch_size": settings.seg_batch_size, "seed": seed,
+               "learning_rate": settings.seg_learning_rate}
     real = data.train
     extra = synthetic_sample(synthetic, round(settings.synthetic_ratio * len(real)), seed) if arm.generator else []
     steps = settings.seg_steps

@@ -133,25 +133,30 @@ def _pyplot():
 
 
 def dice_plot(summary: dict) -> str:
+    """Dice per arm at each fraction; fractions evenly spaced and the arms side by side within each, so that one
+    fraction alone still reads."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6, 3.6))
+    figure, axis = plt.subplots(figsize=(7, 3.8))
+    fractions = sorted({row["real_fraction"] for row in summary["rows"]})
     series: dict[str, list[dict]] = {}
     for row in summary["rows"]:
         series.setdefault(row["arm"] + (f" ({row['generator']})" if row["generator"] else ""), []).append(row)
-    for name, rows in series.items():
+    width = 0.7 / max(1, len(series))
+    for number, (name, rows) in enumerate(series.items()):
         rows = sorted(rows, key=lambda r: r["real_fraction"])
+        positions = [fractions.index(r["real_fraction"]) + (number - (len(series) - 1) / 2) * width for r in rows]
         errors = [0 if math.isnan(r["ci_high"]) else r["ci_high"] - r["mean"] for r in rows]
-        axis.errorbar([r["real_fraction"] for r in rows], [r["mean"] for r in rows], yerr=errors, marker="o",
-                      capsize=3, label=name)
-    axis.set_xlabel("real fraction of the training split")
+        axis.errorbar(positions, [r["mean"] for r in rows], yerr=errors, marker="o", capsize=3, label=name)
+    axis.set_xticks(range(len(fractions)), [f"{fraction:g}" for fraction in fractions])
+    axis.set_xlabel("real fraction of the training split (95% CI over seeds)")
     axis.set_ylabel("test Dice")
-    axis.legend(fontsize=6)
+    axis.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
     return _figure_uri(figure)
 
 
 def learning_curve_plot(results: list[dict]) -> str:
-    """Validation Dice of the real-only arm against epochs: has it stopped rising by the last step?"""
+    """Validation Dice of the real-only arm against optimiser steps: has it stopped rising by the last step?"""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.2))
     for result in results:
@@ -246,18 +251,18 @@ def render_html(output_dir: Path, summary: dict, results: list[dict], pairs: dic
         for (f, g), record in pairs.items() if f == shown)
     body = [
         "<h1>medaug low-data segmentation study</h1>",
-        f"<p>Test Dice on the real test split, mean over seeds with 95% CI; Δ columns pair runs by seed. "
-        f"{html.escape(summary['equal_steps'])}. Each generator learned from its subset only.</p>",
+        (f"<p>Test Dice on the real test split, mean over seeds with 95% CI; Δ columns pair runs by seed. "
+         f"{html.escape(summary['equal_steps'])}. Each generator learned from its subset only.</p>"),
         _table(table_rows(summary), HEADER),
         f'<h2>Dice against real fraction</h2><img src="{dice_plot(summary)}" alt="Dice against real fraction">',
-        "<h2>Has real-only finished learning?</h2><p>Validation Dice of the real-only arm over its training: a gain "
-        "counts only against a real-only arm that has stopped improving.</p>",
+        ("<h2>Has real-only finished learning?</h2><p>Validation Dice of the real-only arm over its training: a gain "
+         "counts only against a real-only arm that has stopped improving.</p>"),
         f'<img src="{learning_curve_plot(results)}" alt="real-only learning curve">',
         "<h2>Generators: label fidelity and filter</h2>", generator_table,
         f'<img src="{fidelity_plot(pairs)}" alt="label fidelity distribution">',
         f"<h2>Generated pairs ({html.escape(subset_name(shown)) if shown else ''}; mask in red)</h2>", pair_blocks,
-        f"<h2>Predictions on the same test images ({html.escape(subset_name(shown)) if shown else ''}; "
-        "mask red, prediction cyan)</h2>", overlay_views(output_dir, results, shown) if shown is not None else "",
+        (f"<h2>Predictions on the same test images ({html.escape(subset_name(shown)) if shown else ''}; "
+         "mask red, prediction cyan)</h2>"), overlay_views(output_dir, results, shown) if shown is not None else "",
     ]
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>medaug study</title><style>{STYLE}</style>"
             f"</head><body>{''.join(body)}</body></html>")
