@@ -31,6 +31,7 @@ import platform
 import time
 from pathlib import Path
 
+from medaug.lowdata.generators import prepare_base, text_finetune
 from medaug.training.run_scripts import resume_flag, run_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,20 +77,13 @@ def prepare_data(args) -> Path:
     return write_subset(args.source, data, args.fraction, seed=args.seed)
 
 
-def prepare_base(args, data: Path) -> Path:
-    from medaug.data import DatasetFolder
-    from medaug.models import init_model
+def generator_settings(args):
+    from medaug.lowdata.generators import GeneratorSettings
 
-    base = args.work / "base"
-    if (base / "vae" / "vae_eval.json").is_file():
-        return base
-    folder = DatasetFolder(data)
-    prompts = sorted({folder.value(i, "text") for i in range(len(folder))} - {""})
-    init_model(base, preset="tiny" if args.smoke else "small", prompts=prompts, seed=args.seed, overwrite=True)
-    run_script("train_vae", ["--pretrained_model_name_or_path", base, "--train_data_dir", data, "--resolution",
-                             args.resolution, "--max_train_steps", args.vae_steps, "--train_batch_size", 8,
-                             "--learning_rate", 1e-3])
-    return base
+    return GeneratorSettings(resolution=args.resolution, preset="tiny" if args.smoke else "small",
+                             vae_steps=args.vae_steps, base_steps=args.text_steps, batch_size=args.batch_size,
+                             segmenter_epochs=args.segmenter_epochs, inference_steps=args.inference_steps,
+                             guidance_scale=args.guidance_scale, seed=args.seed)
 
 
 def prepare_segmenter(args, data: Path, seed: int, name: str = "segmenter"):
@@ -107,18 +101,9 @@ def prepare_segmenter(args, data: Path, seed: int, name: str = "segmenter"):
 
 
 def common(args, data: Path, output_dir: Path, steps: int) -> list:
-    return ["--train_data_dir", data, "--resolution", args.resolution, "--report_to", "none", "--seed", args.seed,
-            "--cache_dir", args.work / "cache", "--output_dir", output_dir, "--max_train_steps", steps,
-            "--train_batch_size", args.batch_size, "--checkpointing_steps", min(250, steps),
-            "--checkpoints_total_limit", 1, *resume_flag(output_dir)]
+    from medaug.lowdata.generators import training_flags
 
-
-def text_finetune(args, data: Path, base: Path) -> Path:
-    output_dir = args.work / "text_finetune"
-    if not (output_dir / "medaug_args.json").is_file():
-        run_script("finetune", ["--pretrained_model_name_or_path", base, *common(args, data, output_dir, args.text_steps),
-                                "--conditioning", "text", "--train_mode", "full", "--learning_rate", 3e-4])
-    return output_dir
+    return training_flags(generator_settings(args), data, output_dir, steps, args.work / "cache")
 
 
 def train_variant(args, variant: str, data: Path, base: Path, steps: int) -> Path:
@@ -129,7 +114,7 @@ def train_variant(args, variant: str, data: Path, base: Path, steps: int) -> Pat
                                      args.batch_size, "--checkpointing_steps", min(250, steps),
                                      "--checkpoints_total_limit", 1, "--random_flip", *resume_flag(output_dir)])
     elif variant.startswith("controlnet"):
-        tuned = text_finetune(args, data, base)
+        tuned = text_finetune(args.work, base, data, generator_settings(args))
         method = "mask_boundary" if variant == "controlnet_boundary" else "mask_filled"
         run_script("train_controlnet", ["--lora_dir", tuned, *common(args, data, output_dir, steps),
                                         "--edge_method", method, "--controlnet_train_mode", "full",
@@ -211,7 +196,7 @@ def main(args) -> list[dict]:
         args.resolution, args.vae_steps, args.text_steps, args.segmenter_epochs = 64, 2, 2, 2
         args.inference_steps = 2
     data = prepare_data(args)
-    base = prepare_base(args, data)
+    base = prepare_base(args.work, data, generator_settings(args))
     segmenter = prepare_segmenter(args, data, args.seed)
     print(f"fidelity segmenter: real test Dice {segmenter.info.real_dice:.3f} on {segmenter.info.real_pairs} lesion "
           "images", flush=True)

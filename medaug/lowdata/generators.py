@@ -45,7 +45,8 @@ def _finished(run_dir: Path) -> bool:
     return (run_dir / DONE_FILE).is_file()
 
 
-def _training_flags(settings: GeneratorSettings, data: Path, output_dir: Path, steps: int, cache: Path) -> list:
+def training_flags(settings: GeneratorSettings, data: Path, output_dir: Path, steps: int, cache: Path) -> list:
+    """The flags finetune.py and train_controlnet.py share here (resuming from a checkpoint that is there)."""
     return ["--train_data_dir", data, "--resolution", settings.resolution, "--report_to", "none",
             "--seed", settings.seed, "--cache_dir", cache, "--output_dir", output_dir, "--max_train_steps", steps,
             "--train_batch_size", settings.batch_size, "--checkpointing_steps", min(250, steps),
@@ -75,7 +76,7 @@ def text_finetune(work: Path, base: Path, images: Path, settings: GeneratorSetti
     output_dir = work / "text_finetune"
     if not _finished(output_dir):
         run_script("finetune", ["--pretrained_model_name_or_path", base,
-                                *_training_flags(settings, images, output_dir, settings.base_steps, work / "cache"),
+                                *training_flags(settings, images, output_dir, settings.base_steps, work / "cache"),
                                 "--conditioning", "text", "--train_mode", "full", "--learning_rate", 3e-4])
     return output_dir
 
@@ -130,12 +131,12 @@ def train_generator(name: str, subset: Path, work: Path, settings: GeneratorSett
         flags = ["--consistency_segmenter", consistency_segmenter(work, subset, settings)] \
             if settings.consistency else []
         run_script("finetune", ["--pretrained_model_name_or_path", start,
-                                *_training_flags(settings, subset, output_dir, settings.diffusion_steps, cache),
+                                *training_flags(settings, subset, output_dir, settings.diffusion_steps, cache),
                                 "--conditioning", "text", "--train_mode", "full", "--learning_rate", 3e-4,
                                 "--mask_channels", *flags])
     else:
         run_script("train_controlnet", ["--lora_dir", text_finetune(shared, base, images, settings),
-                                        *_training_flags(settings, subset, output_dir, settings.controlnet_steps,
+                                        *training_flags(settings, subset, output_dir, settings.controlnet_steps,
                                                          cache),
                                         "--edge_method", "mask_filled", "--controlnet_train_mode", "full",
                                         "--learning_rate", 3e-4])
