@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from medaug.lowdata.generators import prepare_base, text_finetune
-from medaug.training.run_scripts import resume_flag, run_script
+from medaug.training.run_scripts import rerun_flags, run_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("controlnet_boundary", "controlnet_filled", "mask_channels", "mask_channels_lr1e-3",
@@ -112,7 +112,7 @@ def train_variant(args, variant: str, data: Path, base: Path, steps: int) -> Pat
         run_script("train_pix2pix", ["--train_data_dir", data, "--resolution", args.resolution, "--seed", args.seed,
                                      "--output_dir", output_dir, "--max_train_steps", steps, "--train_batch_size",
                                      args.batch_size, "--checkpointing_steps", min(250, steps),
-                                     "--checkpoints_total_limit", 1, "--random_flip", *resume_flag(output_dir)])
+                                     "--checkpoints_total_limit", 1, "--random_flip", *rerun_flags(output_dir)])
     elif variant.startswith("controlnet"):
         tuned = text_finetune(args.work, base, data, generator_settings(args))
         method = "mask_boundary" if variant == "controlnet_boundary" else "mask_filled"

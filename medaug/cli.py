@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from medaug.console import console, errors, fail, progress_bar
+from medaug.console import console, errors, fail, progress_bar, reporting_errors
 
 app = typer.Typer(
     name="medaug",
@@ -177,5 +177,11 @@ from medaug.commands.study import study_app  # noqa: E402
 app.add_typer(study_app, name="study")
 
 
+def main(argv: list[str] | None = None) -> None:
+    """The `medaug` command: expected failures anywhere below end as one `error:` line and exit status 2."""
+    with reporting_errors():
+        app(args=argv, prog_name="medaug")
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from medaug.files import write_json_atomic
-from medaug.training.run_scripts import resume_flag, run_script
+from medaug.training.run_scripts import rerun_flags, run_script
 
 STAGE_FOLDER = "stages"
 
@@ -174,7 +174,7 @@ def stage_finetune(demo: Demo) -> dict:
                  "--train_mode", "full", "--learning_rate", 3e-4, "--max_train_steps", settings.finetune_steps,
                  "--train_batch_size", settings.train_batch_size, "--checkpointing_steps", 100,
                  "--checkpoints_total_limit", 1, "--validation_steps", settings.finetune_steps,
-                 "--validation_inference_steps", settings.inference_steps, *resume_flag(output_dir)]
+                 "--validation_inference_steps", settings.inference_steps, *rerun_flags(output_dir)]
     return _training_summary(run_script("finetune", arguments))
 
 
@@ -187,7 +187,7 @@ def stage_controlnet(demo: Demo) -> dict:
                  "--max_train_steps", settings.controlnet_steps, "--train_batch_size", settings.train_batch_size,
                  "--checkpointing_steps", 100, "--checkpoints_total_limit", 1,
                  "--validation_steps", settings.controlnet_steps, "--validation_inference_steps",
-                 settings.inference_steps, *resume_flag(output_dir)]
+                 settings.inference_steps, *rerun_flags(output_dir)]
     return _training_summary(run_script("train_controlnet", arguments))
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from medaug.conditioning import Condition, condition_class, load_projection
 from medaug.data import MANIFEST_NAME, ManifestEntry, append_manifest, to_channels
 from medaug.generate_sources import Source, plan_sources
+from medaug.outputs import output_lock
 from medaug.run_loader import SCHEDULERS, check_run_files
 from medaug.run_record import RECORD_NAME, RunRecord, read_run_record
 from medaug.synthetic import (check_output_folder, finished_files, prepare_output_folder, write_array_png,
@@ -255,14 +256,13 @@ def generate(model_dir: str | Path, output_dir: str | Path, edges: str | Path | 
              num_inference_steps: int = 30, guidance_scale: float = 3.0, controlnet_conditioning_scale: float = 1.0,
              scheduler: str = "ddim", seed: int = 0, batch_size: int = 4, resolution: int | None = None,
              resume: bool = False, overwrite: bool = False, max_sources: int | None = None,
-             base_model: str | Path | None = None, progress: Callable[[int], None] | None = None, on_start: Callable[[int], None] | None = None) -> dict:
+             base_model: str | Path | None = None, progress: Callable[[int], None] | None = None,
+             on_start: Callable[[int], None] | None = None) -> dict:
     """Generate a synthetic dataset folder; return {written, skipped, total, seconds, images_per_second, ...}.
 
     Raises ValueError (or FileNotFoundError, FileExistsError) naming the flag or file at fault before any file
     is written. `on_start(jobs)` is told how many jobs this process has left, `progress(n)` as they finish.
     """
-    import torch
-
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
     output_dir = Path(output_dir)
@@ -270,8 +270,16 @@ def generate(model_dir: str | Path, output_dir: str | Path, edges: str | Path | 
                            str(embeddings_file) if embeddings_file else None, split, num_per_source,
                            num_inference_steps, guidance_scale, controlnet_conditioning_scale, scheduler, seed,
                            resolution, max_sources, base_model)
-    check_output_folder(output_dir, plan.settings, resume, overwrite, GROWABLE)
     state = process_state()
+    with output_lock(output_dir, enabled=state.is_main_process):  # one run writes a folder at a time
+        check_output_folder(output_dir, plan.settings, resume, overwrite, GROWABLE)
+        return _generate_into(output_dir, plan, state, batch_size, overwrite, progress, on_start)
+
+
+def _generate_into(output_dir: Path, plan: Plan, state, batch_size: int, overwrite: bool,
+                   progress: Callable[[int], None] | None, on_start: Callable[[int], None] | None) -> dict:
+    import torch
+
     loading = time.perf_counter()
     pipeline = load_pipeline(plan, state.device)
     load_seconds = time.perf_counter() - loading
@@ -288,8 +296,10 @@ def generate(model_dir: str | Path, output_dir: str | Path, edges: str | Path | 
     for batch in mine:
         arguments, prompts, hashes = _batch_inputs(plan, batch)
         generators = [torch.Generator().manual_seed(job.seed) for job in batch]
-        extra = {"controlnet_conditioning_scale": controlnet_conditioning_scale} if plan.controlnet else {}
-        images = pipeline(**arguments, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        extra = ({"controlnet_conditioning_scale": plan.settings["controlnet_conditioning_scale"]}
+                 if plan.controlnet else {})
+        images = pipeline(**arguments, num_inference_steps=plan.settings["num_inference_steps"],
+                          guidance_scale=plan.settings["guidance_scale"],
                           generator=generators, height=plan.settings["resolution"],
                           width=plan.settings["resolution"], output_type="np", **extra).images
         todo = [item for item in zip(batch, images, prompts, hashes) if item[0].file_name not in done]

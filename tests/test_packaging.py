@@ -48,7 +48,7 @@ def test_wheel_installs_no_foreign_top_level_names(wheel_names):
 def test_wheel_declares_the_medaug_command(wheel, wheel_names):
     (entry_points,) = [name for name in wheel_names if name.endswith(".dist-info/entry_points.txt")]
     text = wheel.read(entry_points).decode()
-    assert "[console_scripts]" in text and "medaug = medaug.cli:app" in text
+    assert "[console_scripts]" in text and "medaug = medaug.cli:main" in text
 
 
 def imported_top_level_modules() -> dict[str, str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -26,15 +25,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from medaug.console import reporting_errors
 from medaug.conditioning import CONDITION_KINDS, condition_class
-from medaug.data import DatasetError, DatasetFolder
-from medaug.embeddings import EmbeddingError, parse_shape
+from medaug.data import DatasetFolder
+from medaug.embeddings import parse_shape
 from medaug.metrics.fidelity import FidelitySegmenter
-from medaug.run_record import RunRecord, RunRecordError, write_run_record
+from medaug.run_record import RunRecord, write_run_record
 from medaug.training.base_model import (check_base_flag, check_xformers, load_base, resolve_resolution,
                                         vae_downsampling)
 from medaug.training.cache import DEFAULT_CACHE_DIR, TensorCache
-from medaug.training.checkpoint import (CheckpointError, load_checkpoint, prune_checkpoints, resolve_checkpoint,
+from medaug.training.run_folder import claimed_run_folder
+from medaug.training.checkpoint import (load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
 from medaug.training.conditions import (batch_hidden_states, cached_features, validation_embeddings,
                                         validation_rows)
@@ -118,6 +119,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="medaug-finetune")
+    train.add_argument("--overwrite", action="store_true",
+                      help="Replace the run already in --output_dir (its weights, record, logs, checkpoints).")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--train_batch_size", type=int, default=4)
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -231,6 +234,13 @@ def run_record(args, settings: dict, resolution: int, channels: int, scaling_fac
 # ---------------------------------------------------------------------------------------------------------
 
 def main(args: argparse.Namespace) -> dict:
+    """Train, holding --output_dir from before the first step until the run is saved (refused while another run
+    writes there, or while it holds another run that is neither resumed nor overwritten)."""
+    with claimed_run_folder(args.output_dir, args.resume_from_checkpoint, args.overwrite):
+        return train(args)
+
+
+def train(args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
@@ -418,8 +428,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
+    with reporting_errors():  # bad input: one `error:` line and exit status 2
         main(parse_args())
-    except (DatasetError, EmbeddingError, CheckpointError, RunRecordError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -27,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from medaug.data import DatasetError, DatasetFolder, MedicalImageDataset
+from medaug.console import reporting_errors
+from medaug.data import DatasetFolder, MedicalImageDataset
 from medaug.models.pix2pix import PatchDiscriminator, Pix2PixGenerator
-from medaug.run_record import RunRecord, RunRecordError, write_run_record
-from medaug.training.checkpoint import (CheckpointError, load_checkpoint, prune_checkpoints, resolve_checkpoint,
+from medaug.run_record import RunRecord, write_run_record
+from medaug.training.run_folder import claimed_run_folder
+from medaug.training.checkpoint import (load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
 from medaug.training.data_order import EpochPermutationSampler, step_generator
 from medaug.training.latents import image_channels, training_rows
@@ -51,6 +52,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=64, help="Square training and generation size (px).")
     parser.add_argument("--fit", choices=("pad", "crop", "stretch"), default="pad", help="How images become square.")
     parser.add_argument("--output_dir", default="medaug-pix2pix")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace the run already in --output_dir (its weights, record, logs, checkpoints).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_batch_size", type=int, default=8)
     parser.add_argument("--max_train_steps", type=int, default=2000)
@@ -160,6 +163,13 @@ def run_record(args, resolution: int, channels: int, global_step: int) -> RunRec
 # ---------------------------------------------------------------------------------------------------------
 
 def main(args: argparse.Namespace) -> dict:
+    """Train, holding --output_dir from before the first step until the run is saved (refused while another run
+    writes there, or while it holds another run that is neither resumed nor overwritten)."""
+    with claimed_run_folder(args.output_dir, args.resume_from_checkpoint, args.overwrite):
+        return train(args)
+
+
+def train(args: argparse.Namespace) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     output_dir = Path(args.output_dir)
@@ -227,8 +237,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
+    with reporting_errors():  # bad input: one `error:` line and exit status 2
         main(parse_args())
-    except (DatasetError, CheckpointError, RunRecordError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from medaug.data import DatasetError, DatasetFolder, MedicalImageDataset
-from medaug.training.checkpoint import (CheckpointError, load_checkpoint, prune_checkpoints, resolve_checkpoint,
+from medaug.console import reporting_errors
+from medaug.data import DatasetFolder, MedicalImageDataset
+from medaug.outputs import output_lock, writable_folder
+from medaug.training.run_folder import first_process
+from medaug.training.checkpoint import (load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
 from medaug.training.data_order import EpochPermutationSampler, step_generator
 from medaug.training.loss_log import LOSS_HISTORY, LossHistory
@@ -98,6 +100,16 @@ def latent_scaling_factor(vae, dataset, batch_size: int = 8) -> float:
 
 
 def main(args: argparse.Namespace) -> dict:
+    """Train, holding the base folder (which the VAE is written back into by default) and checking the output
+    and checkpoint folders are writable before the first step."""
+    base = Path(args.pretrained_model_name_or_path)
+    writable_folder(args.output_dir or base / "vae", "--output_dir")
+    writable_folder(args.checkpoint_dir or base / "vae_checkpoints", "--checkpoint_dir")
+    with output_lock(base, "--pretrained_model_name_or_path", enabled=first_process()):
+        return train(args)
+
+
+def train(args: argparse.Namespace) -> dict:
     from diffusers import AutoencoderKL
     from monai.losses import SSIMLoss
 
@@ -182,8 +194,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
+    with reporting_errors():  # bad input: one `error:` line and exit status 2
         main(parse_args())
-    except (DatasetError, CheckpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)

@@ -18,7 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from medaug.training.run_scripts import resume_flag, run_script
+from medaug.training.run_scripts import rerun_flags, run_script
 
 GENERATORS = ("mask_channels", "controlnet", "pix2pix")
 DONE_FILE = "medaug_args.json"  # every training script writes its run record last
@@ -50,7 +50,7 @@ def training_flags(settings: GeneratorSettings, data: Path, output_dir: Path, st
     return ["--train_data_dir", data, "--resolution", settings.resolution, "--report_to", "none",
             "--seed", settings.seed, "--cache_dir", cache, "--output_dir", output_dir, "--max_train_steps", steps,
             "--train_batch_size", settings.batch_size, "--checkpointing_steps", min(250, steps),
-            "--checkpoints_total_limit", 1, *resume_flag(output_dir)]
+            "--checkpoints_total_limit", 1, *rerun_flags(output_dir)]
 
 
 def prepare_base(work: Path, images: Path, settings: GeneratorSettings) -> Path:
@@ -121,7 +121,7 @@ def train_generator(name: str, subset: Path, work: Path, settings: GeneratorSett
                                      "--seed", settings.seed, "--output_dir", output_dir,
                                      "--max_train_steps", settings.pix2pix_steps, "--train_batch_size",
                                      settings.batch_size, "--checkpointing_steps", 250, "--checkpoints_total_limit",
-                                     1, "--random_flip", *resume_flag(output_dir)])
+                                     1, "--random_flip", *rerun_flags(output_dir)])
         return output_dir
     shared, images = (work.parent / "unlabelled", unlabelled) if unlabelled is not None else (work, subset)
     base = prepare_base(shared, images, settings)

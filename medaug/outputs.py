@@ -1,0 +1,97 @@
+"""Output folders: checked before any work, and written by one run at a time.
+
+`writable_folder` makes the folder and proves it can hold a file, so a training run that would fail on save
+fails before its first step instead. `output_lock` holds `.medaug.lock` in the folder for as long as a run
+writes there: an advisory `flock`, which the kernel releases when the process ends however it ends, so a
+killed run never leaves a lock that blocks the next one. The file names who holds it, for the refusal message.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+LOCK_NAME = ".medaug.lock"
+
+
+class OutputFolderError(ValueError):
+    """An output folder cannot be used; the message names the flag and the folder."""
+
+
+def writable_folder(path: str | Path, flag: str = "--output_dir") -> Path:
+    """Create `path` (and its parents) if needed and check a file can be written in it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputFolderError(f"{flag}: {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputFolderError(f"{flag}: {path} cannot be created ({error.strerror or error})") from None
+    probe = path / f".medaug-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OutputFolderError(f"{flag}: {path} is not writable ({error.strerror or error})") from None
+    return path
+
+
+def _holder(handle) -> str:
+    handle.seek(0)
+    return handle.read().strip() or "a process that has not said who it is"
+
+
+def _acquire(path: Path, flag: str):
+    """An open lock file this process holds the lock of; a lock file another process removed while this one
+    waited on it (it released the folder) is opened again, so two runs never hold two different files."""
+    lock_path = path / LOCK_NAME
+    for _ in range(10):
+        handle = open(lock_path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(handle)
+            handle.close()
+            raise OutputFolderError(f"{flag}: {path} is in use by another run ({holder}); wait for it to finish "
+                                    "or choose another folder") from None
+        try:
+            same_file = os.fstat(handle.fileno()).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            return handle
+        handle.close()
+    raise OutputFolderError(f"{flag}: {path}: could not take {LOCK_NAME} (other runs keep taking it)")
+
+
+@contextmanager
+def output_lock(path: str | Path, flag: str = "--output_dir", enabled: bool = True) -> Iterator[Path]:
+    """Hold `path` for this run: refused with the holder's pid, host and command while another run holds it.
+
+    `enabled=False` (the non-main processes of one `accelerate launch`, which share their main process's
+    folder) only checks the folder is writable."""
+    path = writable_folder(path, flag)
+    if not enabled:
+        yield path
+        return
+    handle = _acquire(path, flag)
+    try:
+        handle.seek(0)
+        handle.truncate()
+        command = " ".join(Path(sys.argv[0]).name if i == 0 else arg for i, arg in enumerate(sys.argv))[:300]
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {command}\n")
+        handle.flush()
+        yield path
+    finally:
+        try:
+            os.unlink(path / LOCK_NAME)  # while still holding it: see _acquire
+        except FileNotFoundError:
+            pass
+        handle.close()

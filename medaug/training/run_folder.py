@@ -1,0 +1,85 @@
+"""A training script's hold on its output folder, taken before any work.
+
+The folder must be a writable folder (checked now, not at the first save after hours of training), no other
+run may be writing there (`medaug.outputs.output_lock`), and it may not hold another run: a finished run (its
+run record) or an unfinished one (its checkpoints) is refused unless the script resumes it
+(`--resume_from_checkpoint`) or replaces it (`--overwrite`, which removes what a training run writes and
+nothing else).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from medaug.outputs import OutputFolderError, output_lock
+from medaug.run_record import CARD_NAME, RECORD_NAME
+from medaug.training.checkpoint import list_checkpoints
+from medaug.training.lora import LORA_WEIGHTS_NAME
+
+# What a training run writes into its folder; --overwrite removes these and nothing else.
+RUN_ENTRIES = (RECORD_NAME, CARD_NAME, LORA_WEIGHTS_NAME, "unet", "controlnet", "condition_encoder", "pix2pix",
+               "logs", "validation")
+
+
+def first_process() -> bool:
+    """Whether this is the first process of an `accelerate launch` (or the only one)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _finished_run(output_dir: Path) -> str | None:
+    """A short description of the finished run in the folder, or None if there is none."""
+    path = output_dir / RECORD_NAME
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return f"a finished {record.get('script', 'training')} run of {record.get('steps', '?')} steps"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return "a finished run (its record is unreadable)"
+
+
+def check_run_folder(output_dir: str | Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse a folder holding another run; with `overwrite`, remove that run's files first."""
+    output_dir = Path(output_dir)
+    if overwrite:
+        remove_run(output_dir)
+        return
+    finished, checkpoints = _finished_run(output_dir), list_checkpoints(output_dir)
+    if resuming and (checkpoints or not finished):
+        return
+    if finished:
+        advice = ("--resume_from_checkpoint latest to continue it, " if checkpoints else "")
+        raise OutputFolderError(f"--output_dir: {output_dir} holds {finished}; pass {advice}--overwrite to replace "
+                                "it, or choose another folder")
+    if checkpoints:
+        raise OutputFolderError(f"--output_dir: {output_dir} holds checkpoints of an unfinished run (up to "
+                                f"{checkpoints[-1].name}); pass --resume_from_checkpoint latest to continue it, "
+                                "--overwrite to start again, or choose another folder")
+
+
+def remove_run(output_dir: Path) -> None:
+    """Delete what a training run wrote in `output_dir` (its weights, record, logs and checkpoints)."""
+    entries = [output_dir / name for name in RUN_ENTRIES] + list(output_dir.glob("checkpoint-*"))
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()
+
+
+@contextmanager
+def claimed_run_folder(output_dir: str | Path, resume_from_checkpoint: str | None, overwrite: bool
+                       ) -> Iterator[Path]:
+    """Hold `output_dir` for a training run from before its first step until it has saved (see module doc)."""
+    if resume_from_checkpoint and overwrite:
+        raise OutputFolderError("--resume_from_checkpoint and --overwrite contradict each other; give one")
+    first = first_process()
+    with output_lock(output_dir, enabled=first) as path:
+        if first or not overwrite:  # only the first process deletes; the others would see it half done
+            check_run_folder(path, resuming=bool(resume_from_checkpoint), overwrite=overwrite and first)
+        yield path
