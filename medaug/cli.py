@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from medaug.console import console, errors, fail, progress_bar, reporting_errors
+from medaug.outputs import writable_folder
 
 app = typer.Typer(
     name="medaug",
@@ -113,6 +114,7 @@ def init_model_command(
 
     if preset not in PRESETS:
         fail(f"--preset: unknown preset '{preset}'; expected one of {', '.join(PRESETS)}")
+    writable_folder(output_dir)
     prompts = None
     if prompts_from is not None:
         try:
@@ -146,6 +148,7 @@ def phantom_command(
     """Write a small ultrasound-like phantom dataset (images, lesion masks, metadata.csv); no downloads."""
     from medaug.data import make_phantom_dataset
 
+    writable_folder(output_dir)
     if (output_dir / "metadata.csv").exists() and not overwrite:
         fail(f"--output_dir: {output_dir} already holds a dataset; choose another folder or pass --overwrite")
     make_phantom_dataset(output_dir, num_images=num_images, size=size, seed=seed)

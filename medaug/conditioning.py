@@ -412,4 +412,4 @@ def load_projection(model_dir: str | Path) -> ConditionProjection:
     path = Path(model_dir) / "condition_encoder"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no condition encoder here (text-conditioned runs have none)")
-    return ConditionProjection.from_pretrained(path)
+    return ConditionProjection.from_pretrained(path, use_safetensors=True)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from medaug.files import write_json_atomic
+from medaug.outputs import folder_entries
 from medaug.training.run_scripts import rerun_flags, run_script
 
 STAGE_FOLDER = "stages"
@@ -269,10 +270,10 @@ def open_demo_folder(output_dir: Path, data: Path | None, settings: DemoSettings
                              != record["settings"][key]) or ["data"]
             raise DemoError(f"--output_dir: {output_dir} holds a demo run with other settings ({', '.join(changed)});"
                             " choose another folder or pass --overwrite")
-    elif output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+    elif folder_entries(output_dir) and not overwrite:
         raise DemoError(f"--output_dir: {output_dir} is not empty and holds no demo; choose another folder")
-    if overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)
+    for entry in folder_entries(output_dir) if overwrite else []:
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     (output_dir / STAGE_FOLDER).mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
 

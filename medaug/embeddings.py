@@ -40,20 +40,13 @@ def load_embeddings(
     path = Path(path)
     if not path.is_file():
         raise EmbeddingError(f"{path}: embeddings file not found")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        table = load_file(str(path))
-    elif suffix == ".npz":
-        table = _load_npz(path)
-    elif suffix == ".parquet":
-        table = _load_parquet(path, key_column, value_column)
-    else:
-        raise EmbeddingError(f"{path}: unsupported embeddings file; expected one of {', '.join(EMBEDDING_SUFFIXES)}")
     result = {}
-    for key, value in table.items():
-        array = np.asarray(value, dtype=np.float32)
+    for key, value in _read_table(path, key_column, value_column).items():
+        try:
+            array = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise EmbeddingError(f"{path}: '{key}' is not numbers ({np.asarray(value).dtype} values); embeddings "
+                                 "must be numeric vectors or matrices") from None
         if shape is not None:
             if array.size != int(np.prod(shape)):
                 raise EmbeddingError(f"{path}: '{key}' has {array.size} values, which cannot be shaped {shape}")
@@ -82,6 +75,25 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                 raise EmbeddingError(f"{path}: {len(keys)} file names but {len(values)} embeddings")
             return {key: values[i] for i, key in enumerate(keys)}
         return {name: archive[name] for name in archive.files}
+
+
+def _read_table(path: Path, key_column: str, value_column: str) -> dict:
+    """{key: values} of an embeddings file; a damaged file is refused by name."""
+    from safetensors import SafetensorError
+
+    suffix = path.suffix.lower()
+    if suffix not in EMBEDDING_SUFFIXES:
+        raise EmbeddingError(f"{path}: unsupported embeddings file; expected one of {', '.join(EMBEDDING_SUFFIXES)}")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            return load_file(str(path))
+        return _load_npz(path) if suffix == ".npz" else _load_parquet(path, key_column, value_column)
+    except EmbeddingError:
+        raise
+    except (SafetensorError, OSError, ValueError, KeyError) as error:  # each reader's own damage reports
+        raise EmbeddingError(f"{path}: not a readable {suffix[1:]} file ({type(error).__name__}: {error})") from None
 
 
 def _load_parquet(path: Path, key_column: str, value_column: str) -> dict[str, np.ndarray]:
@@ -164,7 +176,7 @@ def load_vision_model(model_path: str | Path, subfolder: str | None = None):
     source, options = (str(local), {}) if is_local else (str(model_path), {"subfolder": subfolder} if subfolder else {})
     config = AutoConfig.from_pretrained(source, **options)
     model_class = CLIPVisionModelWithProjection if "clip" in config.model_type else AutoModel
-    model = model_class.from_pretrained(source, **options).eval()
+    model = model_class.from_pretrained(source, use_safetensors=True, **options).eval()
     if not is_local:
         return model, _hub_processor(model_path, subfolder)
     for candidate in (local, local.parent / "feature_extractor"):

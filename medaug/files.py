@@ -14,6 +14,15 @@ from pathlib import Path
 import numpy as np
 
 
+# Weight files that only unpickling reads; medaug loads safetensors only and refuses these by name.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def pickled_files(folder: Path) -> list[str]:
+    """Names of pickle weight files in `folder` (not below it)."""
+    return sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+
+
 def partial_path(target: Path) -> Path:
     """The temporary name `target` is written under before it is renamed into place."""
     return target.with_name(f".{target.name}.partial")

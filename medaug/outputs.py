@@ -42,6 +42,11 @@ def writable_folder(path: str | Path, flag: str = "--output_dir") -> Path:
     return path
 
 
+def folder_entries(path: Path) -> list[Path]:
+    """What a folder holds besides the lock of the run writing it."""
+    return [entry for entry in path.iterdir() if entry.name != LOCK_NAME] if path.is_dir() else []
+
+
 def _holder(handle) -> str:
     handle.seek(0)
     return handle.read().strip() or "a process that has not said who it is"
@@ -75,8 +80,11 @@ def output_lock(path: str | Path, flag: str = "--output_dir", enabled: bool = Tr
     """Hold `path` for this run: refused with the holder's pid, host and command while another run holds it.
 
     `enabled=False` (the non-main processes of one `accelerate launch`, which share their main process's
-    folder) only checks the folder is writable."""
-    path = writable_folder(path, flag)
+    folder) only checks the folder is writable. Folders made here and left empty (a run refused before it
+    wrote anything) are removed again."""
+    path = Path(path)
+    created = [folder for folder in (path, *path.parents) if not folder.exists()]
+    writable_folder(path, flag)
     if not enabled:
         yield path
         return
@@ -95,3 +103,13 @@ def output_lock(path: str | Path, flag: str = "--output_dir", enabled: bool = Tr
         except FileNotFoundError:
             pass
         handle.close()
+        _remove_if_empty(created)
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medaug.conditioning import condition_class, load_projection
+from medaug.files import pickled_files
 from medaug.run_record import RunRecord, RunRecordError, read_run_record
 from medaug.training.lora import LORA_WEIGHTS_NAME
 
@@ -27,6 +28,7 @@ SCHEDULERS = {
 
 # The weights each non-diffusion generator family's run folder must hold.
 GENERATOR_FILES = {"pix2pix": "pix2pix/config.json"}
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what diffusers' save_pretrained writes in a model folder
 
 
 def make_scheduler(name: str, config):
@@ -46,18 +48,50 @@ def base_scheduler(base: str):
     return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
+def required_weights(record: RunRecord) -> list[str]:
+    """The weight files, relative to the run folder, that its record says it holds."""
+    from medaug.conditioning import condition_class
+
+    if record.generator in GENERATOR_FILES:
+        return [f"{Path(GENERATOR_FILES[record.generator]).parent}/{WEIGHTS_NAME}"]
+    needed = {"full": [f"unet/{WEIGHTS_NAME}"], "lora": [LORA_WEIGHTS_NAME]}.get(record.unet_train_mode, [])
+    if record.controlnet:
+        needed.append(f"controlnet/{WEIGHTS_NAME}")
+    if "condition_encoder" in condition_class(record.conditioning).required_components:
+        needed.append(f"condition_encoder/{WEIGHTS_NAME}")
+    return needed
+
+
 def check_run_files(model_dir: Path, record: RunRecord) -> None:
-    """The weights the record says the folder holds are there: a run missing them would generate from the bare
-    base and say nothing."""
-    needed = {"full": "unet/config.json", "lora": LORA_WEIGHTS_NAME}.get(record.unet_train_mode)
-    if needed and not (model_dir / needed).is_file():
-        raise RunRecordError(f"{model_dir}: the run trained its UNet ({record.unet_train_mode}) but {needed} is "
-                             "missing; the folder is incomplete (copy it again, or retrain)")
-    weights = GENERATOR_FILES.get(record.generator)
-    if weights and not (model_dir / weights).is_file():
-        raise RunRecordError(f"{model_dir}: a {record.generator} run without {weights}; the folder is incomplete")
-    if record.controlnet and not (model_dir / "controlnet" / "config.json").is_file():
-        raise RunRecordError(f"{model_dir}: a ControlNet run without controlnet/; the folder is incomplete")
+    """Every weights file the record implies is there and reads as safetensors, and every other safetensors file
+    of the run reads too: a run missing one would generate from the bare base and say nothing, and a damaged one
+    would fail deep inside diffusers. Checkpoints are not looked at (generation never reads them)."""
+    for name in required_weights(record):
+        path = model_dir / name
+        if path.is_file() or path.with_name(path.name + ".index.json").is_file():
+            continue
+        pickled = pickled_files(path.parent)
+        if pickled:
+            raise RunRecordError(f"{path.parent}: holds pickle weights ({', '.join(pickled)}), which medaug "
+                                 f"never loads; convert them to {path.name}")
+        raise RunRecordError(f"{model_dir}: {name} is missing ({record.script} run, {record.unet_train_mode} UNet); "
+                             "the folder is incomplete (copy it again, or retrain)")
+    for path in sorted(model_dir.rglob("*.safetensors")):
+        if not any(part.startswith("checkpoint-") for part in path.relative_to(model_dir).parts):
+            check_safetensors(path)
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a truncated or edited safetensors file by name (its header and length are checked, nothing is
+    loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except (SafetensorError, OSError) as error:
+        raise RunRecordError(f"{path}: not a readable safetensors file ({error}); the run folder is damaged "
+                             "(copy it again, or retrain)") from None
 
 
 def load_run_components(model_dir: str | Path, scheduler=None, base_model: str | Path | None = None
@@ -78,15 +112,16 @@ def load_run_components(model_dir: str | Path, scheduler=None, base_model: str |
     full_unet = record.unet_train_mode == "full"
     own_scheduler = base_scheduler(base)
     components = {
-        "vae": AutoencoderKL.from_pretrained(base, subfolder="vae"),
-        "text_encoder": CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
+        "vae": AutoencoderKL.from_pretrained(base, subfolder="vae", use_safetensors=True),
+        "text_encoder": CLIPTextModel.from_pretrained(base, subfolder="text_encoder", use_safetensors=True),
         "tokenizer": CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
         "unet": UNet2DConditionModel.from_pretrained(model_dir / "unet" if full_unet else base,
-                                                     subfolder=None if full_unet else "unet"),
+                                                     subfolder=None if full_unet else "unet", use_safetensors=True),
         "scheduler": make_scheduler(scheduler, own_scheduler.config) if isinstance(scheduler, str)
         else scheduler or own_scheduler,
         "condition_encoder": load_projection(model_dir) if (model_dir / "condition_encoder").is_dir() else None,
-        "controlnet": ControlNetModel.from_pretrained(model_dir / "controlnet") if record.controlnet else None,
+        "controlnet": (ControlNetModel.from_pretrained(model_dir / "controlnet", use_safetensors=True)
+                       if record.controlnet else None),
     }
     kind = condition_class(record.conditioning)
     components.update(kind.extra_components(base, record.condition_settings))
@@ -116,7 +151,7 @@ def apply_run_weights(model_dir: str | Path, tokenizer, text_encoder, vae, unet,
     record = read_run_record(model_dir)
     check_run_files(model_dir, record)
     if record.unet_train_mode == "full":
-        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet").requires_grad_(False)
+        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", use_safetensors=True).requires_grad_(False)
     holder = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                      scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                      requires_safety_checker=False)

@@ -18,7 +18,7 @@ import numpy as np
 from medaug.data import MANIFEST_NAME, read_manifest
 from medaug.data.manifest import drop_torn_line
 from medaug.files import partial_path, write_text_atomic
-from medaug.outputs import LOCK_NAME
+from medaug.outputs import folder_entries
 
 ARGS_NAME = "generate_args.json"
 OUTPUT_ENTRIES = ("images", "masks", "metadata.csv", MANIFEST_NAME, ARGS_NAME)
@@ -47,7 +47,7 @@ def check_output_folder(output_dir: Path, settings: dict, resume: bool, overwrit
         return
     if not output_dir.is_dir():
         raise FileExistsError(f"--output_dir: {output_dir} exists and is not a folder")
-    if not any(entry.name != LOCK_NAME for entry in output_dir.iterdir()):
+    if not folder_entries(output_dir):
         return
     old = _recorded(output_dir)
     if old is None:

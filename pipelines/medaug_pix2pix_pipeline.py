@@ -38,7 +38,8 @@ class MedaugPix2PixPipeline(DiffusionPipeline):
         if record.generator != "pix2pix":
             raise ValueError(f"{model_dir}: a {record.generator} run, not pix2pix; load it with MedaugPipeline")
         check_run_files(Path(model_dir), record)
-        return cls(Pix2PixGenerator.from_pretrained(Path(model_dir) / "pix2pix"), record.resolution)
+        generator = Pix2PixGenerator.from_pretrained(Path(model_dir) / "pix2pix", use_safetensors=True)
+        return cls(generator, record.resolution)
 
     @torch.no_grad()
     def __call__(self, mask_image=None, generator=None, height: int | None = None, width: int | None = None,

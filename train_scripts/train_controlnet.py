@@ -194,7 +194,7 @@ def build_controlnet(args, unet, vae):
     from diffusers import ControlNetModel
 
     if args.controlnet_model_name_or_path:
-        return ControlNetModel.from_pretrained(args.controlnet_model_name_or_path)
+        return ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, use_safetensors=True)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     entries = int(math.log2(vae_scale)) + 1
     if entries > len(CONDITIONING_CHANNELS):

@@ -119,7 +119,7 @@ def train(args: argparse.Namespace) -> dict:
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else base / "vae_checkpoints"
 
     # 1. Load the VAE and the data (checked before training).
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", use_safetensors=True)
     resolution = args.resolution or vae.config.sample_size
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution % scale:

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from medaug.console import console, errors, fail, progress_bar
+from medaug.outputs import output_lock
 
 TASKS = ("seg", "cls")
 
@@ -70,7 +71,7 @@ def bench_command(
     from medaug.segmentation.study import run_study
 
     arm_list = [arm.strip() for arm in arms.split(",") if arm.strip()] if arms else None
-    with progress_bar("bench") as progress:
+    with output_lock(output_dir), progress_bar("bench") as progress:
         bar = progress.add_task("runs", total=None)
 
         def on_progress(completed: float, total: int, description: str) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from medaug.console import console, fail
+from medaug.outputs import output_lock
 from medaug.demo import DemoSettings
 
 
@@ -55,7 +56,8 @@ def demo_command(
         console.rule(f"[bold]stage {number}/{total}: {title}" + (" (done, skipped)" if done else ""))
 
     try:
-        report = run_demo(output_dir, data, settings, overwrite=overwrite, on_stage=announce)
+        with output_lock(output_dir):
+            report = run_demo(output_dir, data, settings, overwrite=overwrite, on_stage=announce)
     except (DemoError, FileExistsError) as error:
         fail(str(error))
     console.print(f"report: {report}")

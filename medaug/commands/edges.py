@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from medaug.console import console, fail, progress_bar
+from medaug.outputs import output_lock
 
 
 def edges_command(
@@ -39,7 +40,7 @@ def edges_command(
     options = {name: value for name, value in options.items() if value is not None}
     try:
         rows = len(DatasetFolder(dataset_dir).indices(split))
-        with progress_bar(f"edges ({method})") as progress:
+        with output_lock(output_dir), progress_bar(f"edges ({method})") as progress:
             task = progress.add_task("rows", total=rows)
             write_edge_dataset(dataset_dir, output_dir, method, split=split, overwrite=overwrite,
                                progress=lambda n: progress.advance(task, n), **options)

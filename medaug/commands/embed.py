@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from medaug.console import console, fail, progress_bar
+from medaug.outputs import writable_folder
 
 
 def embed_command(
@@ -39,6 +40,7 @@ def embed_command(
         fail("give exactly one of --model_path (compute) or --import_file (import)")
     if output.suffix != ".safetensors":
         fail(f"--output: {output} must end in .safetensors")
+    writable_folder(output.parent, "--output")
     try:
         folder = DatasetFolder(dataset_dir)
         rows = folder.indices(split)

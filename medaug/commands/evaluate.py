@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from medaug.console import console, fail, progress_bar
+from medaug.outputs import output_lock
 
 PATH_FLAGS = {"inception": "--inception_weights", "hf": "--model_path", "encoder": "--encoder_dir"}
 
@@ -101,7 +102,7 @@ def evaluate_command(
             fail(f"{flag}: {error}")
     try:
         extractor = build_extractor(name, inception_weights, model_path, encoder_dir, fit, _device(device))
-        with progress_bar("evaluate") as bar:
+        with output_lock(output_dir), progress_bar("evaluate") as bar:
             tasks: dict[str, int] = {}
 
             def advance(step: str, count: int, total: int) -> None:

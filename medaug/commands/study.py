@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from medaug.console import console, fail
+from medaug.outputs import output_lock
 
 study_app = typer.Typer(help="Low-data studies: does synthetic data help when labels are scarce?",
                         no_args_is_help=True)
@@ -69,7 +70,8 @@ def study_seg_command(
         filter=filter_rule, unlabelled_images=unlabelled_images, seg_steps=seg_steps, diffusion_steps=diffusion_steps,
         pix2pix_steps=pix2pix_steps)
     try:
-        summary = run_lowdata_study(data, output_dir, settings, on_stage=lambda text: console.rule(text))
+        with output_lock(output_dir):
+            summary = run_lowdata_study(data, output_dir, settings, on_stage=lambda text: console.rule(text))
     except (LowDataStudyError, FileExistsError, FileNotFoundError) as error:
         fail(str(error))
     for row in summary["rows"]:

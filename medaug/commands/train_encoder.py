@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from medaug.console import console, fail, progress_bar
+from medaug.outputs import output_lock
 
 
 def train_encoder_command(
@@ -55,7 +56,7 @@ def train_encoder_command(
     console.print(f"training a SimCLR encoder on {images.shape[0]} images ({channels} channel(s), "
                   f"{resolution} px) for {max_train_steps} steps on {device}")
     losses: list[float] = []
-    with progress_bar("train-encoder") as bar:
+    with output_lock(output_dir), progress_bar("train-encoder") as bar:
         task = bar.add_task("steps", total=max_train_steps)
 
         def on_step(step: int, loss: float) -> None:

@@ -7,6 +7,8 @@ Images and masks go through the same reader (`read_array`), so orientation and s
 
 from __future__ import annotations
 
+import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,10 @@ import numpy as np
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Pixels (per slice or frame) an image may have before it is decoded: a few-kilobyte PNG can claim 15000 x 15000
+# pixels and need gigabytes once decoded. Change it with the environment variable below.
+MAX_PIXELS_VARIABLE = "MEDAUG_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 100_000_000
 
 
 class ImageReadError(ValueError):
@@ -46,6 +52,25 @@ def _has_dicom_preamble(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
+def max_image_pixels() -> int:
+    """The pixel-count limit: MEDAUG_MAX_IMAGE_PIXELS if set, else 100 million."""
+    value = os.environ.get(MAX_PIXELS_VARIABLE, "")
+    try:
+        return int(value) if value.strip() else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise ImageReadError(f"{MAX_PIXELS_VARIABLE}={value!r}: expected a whole number of pixels") from None
+
+
+def check_pixel_count(path: Path, height: int, width: int, frames: int = 1) -> None:
+    """Refuse, before decoding, an image whose header claims more pixels than the limit."""
+    count, limit = int(height) * int(width) * int(frames), max_image_pixels()
+    if count > limit:
+        frames_text = f" x {frames} frames" if frames > 1 else ""
+        raise ImageReadError(f"{path}: {width} x {height}{frames_text} = {count:,} pixels, more than the limit of "
+                             f"{limit:,} (a decompression bomb, or a very large image: raise {MAX_PIXELS_VARIABLE} "
+                             "to read it)")
+
+
 def read_array(path: str | Path, slice_index: int | None = None) -> np.ndarray:
     """Read a file's pixels in their stored dtype, shape (H, W) or (H, W, C) with RGB channel order.
 
@@ -70,9 +95,13 @@ def read_array(path: str | Path, slice_index: int | None = None) -> np.ndarray:
 def _read_raster(path: Path) -> np.ndarray:
     from PIL import Image
 
-    if _is_16bit_colour_png(path):
-        return _read_with_opencv(path)  # Pillow reduces 16-bit colour PNGs to 8 bits
+    header = _png_header(path)
+    if header is not None:
+        check_pixel_count(path, header["height"], header["width"])
+        if header["bit_depth"] == 16 and header["colour_type"] in (2, 6):  # RGB or RGBA
+            return _read_with_opencv(path)  # Pillow reduces 16-bit colour PNGs to 8 bits
     with Image.open(path) as image:
+        check_pixel_count(path, image.height, image.width)  # Pillow has read the header only
         image.load()  # decode fully now, so a truncated file fails here and not later
         if image.mode == "P":
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -84,11 +113,14 @@ def _read_raster(path: Path) -> np.ndarray:
     return array
 
 
-def _is_16bit_colour_png(path: Path) -> bool:
+def _png_header(path: Path) -> dict | None:
+    """Size, bit depth and colour type from a PNG's IHDR chunk; None for other files."""
     with open(path, "rb") as handle:
         header = handle.read(26)
-    is_png = header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR"
-    return is_png and header[24] == 16 and header[25] in (2, 6)  # bit depth 16; RGB or RGBA
+    if len(header) < 26 or header[:8] != b"\x89PNG\r\n\x1a\n" or header[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", header[16:24])
+    return {"width": width, "height": height, "bit_depth": header[24], "colour_type": header[25]}
 
 
 def _read_with_opencv(path: Path) -> np.ndarray:
@@ -111,8 +143,9 @@ def _read_dicom(path: Path, slice_index: int | None) -> np.ndarray:
     dataset = pydicom.dcmread(path)
     if "PixelData" not in dataset:
         raise ImageReadError(f"{path}: DICOM file has no pixel data")
-    pixels = dataset.pixel_array
     frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    check_pixel_count(path, int(dataset.Rows), int(dataset.Columns), frames)  # pixel_array decodes every frame
+    pixels = dataset.pixel_array
     if frames > 1:
         pixels = pixels[_pick_slice(path, slice_index, frames)]
     photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2"))
@@ -136,12 +169,16 @@ def _read_nifti(path: Path, slice_index: int | None) -> np.ndarray:
     except ImportError as error:  # pragma: no cover - nibabel is a core dependency
         raise ImageReadError(f"{path}: reading NIfTI needs nibabel (pip install nibabel)") from error
 
-    volume = np.asanyarray(nibabel.load(str(path)).dataobj)
-    volume = np.squeeze(volume)
-    if volume.ndim == 3:
-        volume = volume[:, :, _pick_slice(path, slice_index, volume.shape[2])]
-    elif volume.ndim != 2:
-        raise ImageReadError(f"{path}: NIfTI data has shape {volume.shape}; expected a 2D image or 3D volume")
+    image = nibabel.load(str(path))
+    axes = [axis for axis, size in enumerate(image.shape) if size > 1]
+    if len(axes) not in (2, 3):
+        raise ImageReadError(f"{path}: NIfTI data has shape {image.shape}; expected a 2D image or 3D volume")
+    check_pixel_count(path, image.shape[axes[1]], image.shape[axes[0]])
+    index = [0] * len(image.shape)
+    index[axes[0]] = index[axes[1]] = slice(None)
+    if len(axes) == 3:  # read the one slice asked for, not the whole volume
+        index[axes[2]] = _pick_slice(path, slice_index, image.shape[axes[2]])
+    volume = np.asanyarray(image.dataobj[tuple(index)])
     # NIfTI stores (x, y); show rows as y with anterior/superior at the top, as viewers do.
     return np.ascontiguousarray(np.flipud(volume.T))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from medaug.files import pickled_files
+
 
 def check_base_flag(base: str) -> None:
     """A local-looking --pretrained_model_name_or_path must be a diffusers folder; anything else is a Hub name."""
@@ -12,6 +14,12 @@ def check_base_flag(base: str) -> None:
     if looks_local and not (Path(base).expanduser() / "model_index.json").is_file():
         raise ValueError(f"--pretrained_model_name_or_path: {base} is not a diffusers model folder "
                          "(no model_index.json); make one with `medaug init-model` or give a Hub name")
+    for component in ("unet", "vae", "text_encoder") if looks_local else ():
+        folder = Path(base).expanduser() / component
+        if pickled_files(folder) and not any(folder.glob("*.safetensors")):
+            raise ValueError(f"--pretrained_model_name_or_path: {folder} holds pickle weights only "
+                             f"({', '.join(pickled_files(folder))}), which medaug never loads; convert them to "
+                             "safetensors")
 
 
 def check_xformers(requested: bool) -> None:
@@ -26,9 +34,9 @@ def load_base(base: str, prediction_type: str | None = None):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", use_safetensors=True)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", use_safetensors=True)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
     if prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=prediction_type)

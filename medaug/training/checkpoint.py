@@ -55,21 +55,47 @@ def load_checkpoint(
     state_path = directory / STATE_FILE
     if not state_path.is_file():
         raise CheckpointError(f"{directory}: not a medaug checkpoint (no {STATE_FILE})")
-    state = json.loads(state_path.read_text())
+    state = _read_state(state_path)
     differences = [f"{key}: checkpoint has {state['configuration'].get(key)!r}, this run has {value!r}"
                    for key, value in configuration.items() if state["configuration"].get(key) != value]
     if differences:
         raise CheckpointError(f"{directory}: checkpoint from another configuration; " + "; ".join(differences))
     for name, module in modules.items():
         _load_trainable(directory / f"{name}.safetensors", module)
-    tensors = load_file(str(directory / "optimizer.safetensors"))
-    optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    return int(state["step"])
+    tensors = _read_tensors(directory / "optimizer.safetensors")
+    try:
+        optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        return int(state["step"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{state_path}: optimizer or scheduler state does not fit this run "
+                              f"({type(error).__name__}: {error}); the checkpoint was edited or is damaged") from None
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not readable JSON ({error}); the checkpoint is damaged") from None
+    missing = [key for key in ("step", "configuration", "optimizer", "lr_scheduler")
+               if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {', '.join(missing)}; the checkpoint is damaged")
+    return state
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error}); the checkpoint is damaged "
+                              "(resume from an earlier one, or pass --overwrite to start again)") from None
 
 
 def _load_trainable(path: Path, module: torch.nn.Module) -> None:
-    saved = load_file(str(path))
+    saved = _read_tensors(path)
     expected = set(trainable_state(module))
     if set(saved) != expected:
         missing, extra = sorted(expected - set(saved))[:3], sorted(set(saved) - expected)[:3]
