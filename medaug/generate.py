@@ -194,11 +194,11 @@ def _write_job(output_dir: Path, plan: Plan, job: Job, image: np.ndarray, mask: 
                condition_hash: str, process_index: int) -> None:
     """Mask, then image, each renamed into place; the manifest line last, so it means the job is done."""
     source = plan.sources[job.source]
-    if job.mask_file_name:
-        write_array_png(mask.astype(np.uint8) * 255, output_dir / job.mask_file_name)
+    mask_sha256 = write_array_png(mask.astype(np.uint8) * 255, output_dir / job.mask_file_name) \
+        if job.mask_file_name else ""
     if plan.settings["channels"] == 1:
         image = to_channels(image, 1)[:, :, 0]
-    write_array_png(np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), output_dir / job.file_name)
+    sha256 = write_array_png(np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), output_dir / job.file_name)
     extra = {"process_index": process_index, "number": job.number, "text": prompt or source.text,
              "label": source.label}
     if plan.controlnet:
@@ -207,7 +207,7 @@ def _write_job(output_dir: Path, plan: Plan, job: Job, image: np.ndarray, mask: 
         file_name=job.file_name, seed=job.seed, model_dir=plan.settings["model_dir"],
         mask_file_name=job.mask_file_name, source_dataset=plan.settings["source_dir"] or "",
         source_file_name=source.file_name, source_split=source.split, prompt=prompt,
-        condition_hash=condition_hash, extra=extra))
+        condition_hash=condition_hash, sha256=sha256, mask_sha256=mask_sha256, extra=extra))
 
 
 def my_batches(jobs: list[Job], batch_size: int, done: set[str], process_index: int,

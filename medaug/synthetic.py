@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medaug.data import MANIFEST_NAME, read_manifest
-from medaug.data.manifest import drop_torn_line
+from medaug.data.manifest import drop_torn_line, file_sha256
 from medaug.files import partial_path, write_text_atomic
 from medaug.outputs import folder_entries
 
@@ -92,13 +92,16 @@ def finished_files(output_dir: Path) -> set[str]:
             and (not entry.mask_file_name or (output_dir / entry.mask_file_name).is_file())}
 
 
-def write_array_png(array: np.ndarray, target: Path) -> None:
-    """A uint8 (H, W) or (H, W, 3) array as PNG, written under a temporary name and renamed into place."""
+def write_array_png(array: np.ndarray, target: Path) -> str:
+    """A uint8 (H, W) or (H, W, 3) array as PNG, written under a temporary name and renamed into place; returns
+    the file's SHA-256 for the manifest."""
     from PIL import Image
 
     partial = partial_path(target)
     Image.fromarray(array).save(partial, format="PNG")
+    digest = file_sha256(partial)
     os.replace(partial, target)
+    return digest
 
 
 def write_metadata(output_dir: Path) -> Path:

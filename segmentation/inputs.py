@@ -3,8 +3,13 @@
 Refused, each with the flag, folder, row or file at fault: an unreadable folder or file, a mask of another
 size than its image, an empty train or test split, a segmentation study whose synthetic rows lack masks,
 a classification study with unlabelled rows, synthetic labels the real set lacks, a test image that is also
-a training image (same path, same bytes or same `patient_id`), and synthetic images generated from
-test-split sources (by `manifest.jsonl`).
+a training image (same path, same bytes or same `patient_id`), synthetic images generated from
+test-split sources (by `manifest.jsonl`), and synthetic rows of unknown provenance.
+
+Provenance is all-or-nothing: every synthetic row needs a manifest line naming its source, the source's split and
+the run, whose recorded hashes match the image (and mask) now in the folder, so rows merged in from another folder
+or files swapped afterwards are caught. `allow_unknown_provenance` uses such rows anyway and says so in the notes
+(which the report shows).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medaug.data import DatasetError, DatasetFolder, read_manifest
+from medaug.data.manifest import file_sha256
 
 TASKS = ("seg", "cls")
 
@@ -33,7 +39,8 @@ class StudyData:
 
 
 def load_study_data(task: str, real_dir: str | Path, synthetic_dirs: list[str | Path] = (),
-                    label_column: str = "label", check_images: bool = True) -> StudyData:
+                    label_column: str = "label", check_images: bool = True,
+                    allow_unknown_provenance: bool = False) -> StudyData:
     """Check the folders and return the items of each split; raise `StudyError` on bad input."""
     if task not in TASKS:
         raise StudyError(f"task must be one of {', '.join(TASKS)}, got '{task}'")
@@ -50,10 +57,8 @@ def load_study_data(task: str, real_dir: str | Path, synthetic_dirs: list[str | 
         folder = _open_folder(directory, "--synthetic", check_images)
         rows = _synthetic_rows(folder, task, label_column, real_labels)
         _refuse_test_sources(folder, real, splits["test"])
+        _check_provenance(folder, allow_unknown_provenance, notes)
         synthetic += [_item(folder, i, "synthetic", label_column, classes) for i in rows]
-        if not read_manifest(folder.root):
-            notes.append(f"--synthetic {folder.root}: no manifest.jsonl, so its sources cannot be checked for "
-                         "test-split leakage")
     _refuse_overlap(items["test"], items["train"] + items["val"] + synthetic, real)
     return StudyData(items["train"], items["val"], items["test"], synthetic, classes, notes)
 
@@ -140,6 +145,38 @@ def _refuse_test_sources(folder: DatasetFolder, real: DatasetFolder, test_rows: 
             raise StudyError(f"--synthetic {folder.root}: manifest.jsonl line {number} ({entry.file_name}) was "
                              f"generated from test-split source '{entry.source_file_name}'; synthetic training "
                              "data must come from training sources only")
+
+
+def _check_provenance(folder: DatasetFolder, allow_unknown: bool, notes: list[str]) -> None:
+    """Refuse (or, when allowed, note as a risk) synthetic rows whose provenance is unknown."""
+    entries = {entry.file_name: entry for entry in read_manifest(folder.root)}
+    gaps = [f"row {i + 1} ({folder.value(i, 'file_name')}): {gap}" for i in range(len(folder))
+            if (gap := _provenance_gap(folder, i, entries.get(folder.value(i, "file_name"))))]
+    if not gaps:
+        return
+    message = (f"--synthetic {folder.root}: {len(gaps)} of {len(folder)} row(s) have unknown provenance, e.g. "
+               + "; ".join(gaps[:3]))
+    if not allow_unknown:
+        raise StudyError(message + ". Every synthetic row needs a manifest.jsonl line (as medaug generate writes) "
+                         "naming its source, split and run, with the hash of its image; pass "
+                         "--allow_unknown_provenance to use the folder anyway, at the risk of test-split leakage")
+    notes.append("RISK (--allow_unknown_provenance): " + message + "; test-split leakage cannot be ruled out")
+
+
+def _provenance_gap(folder: DatasetFolder, index: int, entry) -> str:
+    """Why row `index` has unknown provenance, or "" if its manifest line vouches for it."""
+    if entry is None:
+        return "no manifest.jsonl line"
+    missing = [name for name in ("source_file_name", "source_split", "model_dir", "sha256") if not getattr(entry, name)]
+    if missing:
+        return f"its manifest line lacks {', '.join(missing)}"
+    if file_sha256(folder.path(index, "file_name")) != entry.sha256:
+        return "the image is not the one generated (its hash differs from the manifest's)"
+    mask = folder.value(index, "mask_file_name")
+    if mask and (mask != entry.mask_file_name or not entry.mask_sha256
+                 or file_sha256(folder.path(index, "mask_file_name")) != entry.mask_sha256):
+        return "the mask is not the one the image was generated for"
+    return ""
 
 
 def _same_dataset(source: str, real_root: Path) -> bool:

@@ -143,8 +143,10 @@ def run_study(
     gradcam_images: int = 4,
     num_threads: int | None = None,
     on_progress: Callable[[float, int, str], None] | None = None,
+    allow_unknown_provenance: bool = False,
 ) -> dict:
-    """Check the inputs, train every unfinished run, and write results.json, results.md and plots."""
+    """Check the inputs, train every unfinished run, and write results.json, results.md and plots.
+    `allow_unknown_provenance`: use synthetic rows no manifest line vouches for, noting the risk in the report."""
     from medaug.segmentation.common import resolve_device
     from medaug.segmentation.report import write_report
 
@@ -158,7 +160,8 @@ def run_study(
         raise StudyError(str(error)) from error
     if num_threads is not None:
         _set_threads(num_threads)
-    data = load_study_data(task, real_dir, list(synthetic_dirs), label_column=label_column)
+    data = load_study_data(task, real_dir, list(synthetic_dirs), label_column=label_column,
+                           allow_unknown_provenance=allow_unknown_provenance)
     settings = {
         "task": task, "data": str(Path(real_dir).resolve()),
         "synthetic": [str(Path(d).resolve()) for d in synthetic_dirs], "network": network,

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from medaug.cli import app
 from medaug.data import ManifestEntry, append_manifest, make_phantom_dataset
+from medaug.data.manifest import file_sha256
 from medaug.segmentation.inputs import load_study_data
 from medaug.segmentation.study import Run, StudyError, plan_runs, real_subset, run_study, synthetic_sample
 
@@ -31,10 +32,11 @@ def synthetic_dir(tmp_path_factory, phantom_dir):
     table["split"] = "train"
     table.to_csv(folder / "metadata.csv", index=False)
     source = pd.read_csv(phantom_dir / "metadata.csv").query("split == 'train'").file_name.iloc[0]
-    for name in table.file_name:
-        append_manifest(folder, ManifestEntry(file_name=name, seed=0, model_dir="model",
-                                              source_dataset=str(phantom_dir),
-                                              source_file_name=source, source_split="train"))
+    for name, mask in zip(table.file_name, table.mask_file_name):
+        append_manifest(folder, ManifestEntry(file_name=name, seed=0, model_dir="model", mask_file_name=mask,
+                                              source_dataset=str(phantom_dir), source_file_name=source,
+                                              source_split="train", sha256=file_sha256(folder / name),
+                                              mask_sha256=file_sha256(folder / mask)))
     return folder
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from medaug.data import ManifestEntry, append_manifest
+from medaug.data.manifest import file_sha256
 from medaug.segmentation.inputs import StudyError, load_study_data
 from medaug.segmentation.metrics import classification_scores, segmentation_scores
 from medaug.segmentation.networks import (CLASSIFICATION_NETWORKS, SEGMENTATION_NETWORKS, build_network,
@@ -166,9 +167,11 @@ def _synthetic_copy(source, target, rows=4, mask=True, label=None):
     if label is not None:
         table["label"] = label
     table.to_csv(target / "metadata.csv", index=False)
-    for name in table.file_name:
-        append_manifest(target, ManifestEntry(file_name=name, seed=0, model_dir="model", source_dataset=str(source),
-                                              source_file_name=name, source_split="train"))
+    for name, mask_name in zip(table.file_name, table.mask_file_name.fillna("")):
+        append_manifest(target, ManifestEntry(
+            file_name=name, seed=0, model_dir="model", source_dataset=str(source), source_file_name=name,
+            source_split="train", sha256=file_sha256(target / name), mask_file_name=mask_name,
+            mask_sha256=file_sha256(target / mask_name) if mask_name else ""))
     return target
 
 
@@ -210,6 +213,38 @@ def test_a_synthetic_folder_generated_from_test_sources_is_refused(phantom_dir, 
                                              source_split="test"))
     with pytest.raises(StudyError, match=rf"manifest.jsonl line 5 .*test-split source '{test_file}'"):
         load_study_data("seg", phantom_dir, [synthetic])
+
+
+def test_rows_merged_in_without_manifest_lines_are_refused(phantom_dir, tmp_path):
+    synthetic = _synthetic_copy(phantom_dir, tmp_path / "syn", rows=2)
+    merged = pd.concat([pd.read_csv(synthetic / "metadata.csv"),  # two more rows, as if copied from another folder
+                        pd.read_csv(phantom_dir / "metadata.csv").query("split == 'train'").iloc[2:4].assign(
+                            split="train")])
+    merged.to_csv(synthetic / "metadata.csv", index=False)
+    with pytest.raises(StudyError, match=r"2 of 4 row\(s\) have unknown provenance, e.g. row 3 \(.*\): no manifest"):
+        load_study_data("seg", phantom_dir, [synthetic])
+
+
+def test_an_image_or_mask_swapped_after_generation_is_refused(phantom_dir, tmp_path):
+    synthetic = _synthetic_copy(phantom_dir, tmp_path / "syn")
+    table = pd.read_csv(synthetic / "metadata.csv")
+    shutil.copy(synthetic / table.file_name[1], synthetic / table.file_name[0])
+    with pytest.raises(StudyError, match=r"row 1 .*the image is not the one generated"):
+        load_study_data("seg", phantom_dir, [synthetic])
+    shutil.copy(phantom_dir / table.file_name[0], synthetic / table.file_name[0])
+    shutil.copy(synthetic / table.mask_file_name[1], synthetic / table.mask_file_name[0])
+    with pytest.raises(StudyError, match=r"row 1 .*the mask is not the one the image was generated for"):
+        load_study_data("seg", phantom_dir, [synthetic])
+
+
+def test_a_deleted_manifest_is_refused_unless_the_risk_is_accepted(phantom_dir, tmp_path):
+    synthetic = _synthetic_copy(phantom_dir, tmp_path / "syn")
+    (synthetic / "manifest.jsonl").unlink()
+    with pytest.raises(StudyError, match=r"4 of 4 row\(s\) have unknown provenance.*--allow_unknown_provenance"):
+        load_study_data("seg", phantom_dir, [synthetic])
+    data = load_study_data("seg", phantom_dir, [synthetic], allow_unknown_provenance=True)
+    assert len(data.synthetic) == 4
+    assert len(data.notes) == 1 and data.notes[0].startswith("RISK (--allow_unknown_provenance)")
 
 
 def _copy_dataset(source, target, edit):

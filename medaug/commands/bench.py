@@ -62,6 +62,9 @@ def bench_command(
     num_threads: Annotated[Optional[int], typer.Option(
         "--num_threads", help="CPU threads for torch (default: torch's choice; 1 can be faster on a busy "
         "machine).")] = None,
+    allow_unknown_provenance: Annotated[bool, typer.Option(
+        "--allow_unknown_provenance", help="Use synthetic rows that no manifest.jsonl line vouches for (source, "
+        "split, run and image hash); the report then says test-split leakage cannot be ruled out.")] = False,
 ) -> None:
     """Train MONAI models on real, real+synthetic, synthetic-only and classically augmented data; score them on
     the real test split with means, 95% CIs over seeds and paired tests against real-only."""
@@ -84,7 +87,7 @@ def bench_command(
                 seeds=seeds, synthetic_ratios=parse_numbers(synthetic_ratios, "--synthetic_ratios"),
                 real_fractions=parse_numbers(real_fractions, "--real_fractions"), arms=arm_list,
                 label_column=label_column, device=device, gradcam_images=gradcam_images, num_threads=num_threads,
-                on_progress=on_progress,
+                on_progress=on_progress, allow_unknown_provenance=allow_unknown_provenance,
             )
         except StudyError as error:
             fail(str(error))

@@ -9,6 +9,7 @@ which `read_manifest` ignores.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,18 @@ class ManifestEntry:
     source_split: str = ""  # that row's split, so leakage into a test split can be refused
     prompt: str = ""
     condition_hash: str = ""  # hash of a non-text condition (embedding, reference image, edge map)
+    sha256: str = ""  # of the image file as written, so a row whose file was swapped or copied in is caught
+    mask_sha256: str = ""  # of the mask file as written
     extra: dict = field(default_factory=dict)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as manifest lines record them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_manifest(folder: str | Path) -> list[ManifestEntry]:

@@ -22,6 +22,7 @@ import torch
 
 from medaug.data import MANIFEST_NAME, DatasetFolder, read_manifest
 from medaug.files import write_json_atomic, write_text_atomic
+from medaug.outputs import output_lock
 
 SEGMENTER_CONFIG = "fidelity_segmenter.json"
 SEGMENTER_WEIGHTS = "fidelity_segmenter.safetensors"
@@ -171,16 +172,16 @@ def record_in_manifest(synthetic_dir: str | Path, per_pair: list[dict]) -> int:
     """Write each scored pair's Dice into its manifest line (`extra.label_fidelity_dice`); returns how many lines
     were updated. The manifest is rewritten whole under a temporary name, so a reader never sees half of it."""
     scores = {score["file_name"]: score["dice"] for score in per_pair}
-    entries = read_manifest(synthetic_dir)
-    if not entries:
-        return 0
-    updated = 0
-    for entry in entries:
-        if entry.file_name in scores:
-            entry.extra["label_fidelity_dice"] = scores[entry.file_name]
-            updated += 1
-    lines = "".join(json.dumps(asdict(entry), ensure_ascii=False) + "\n" for entry in entries)
-    write_text_atomic(Path(synthetic_dir) / MANIFEST_NAME, lines)
+    with output_lock(synthetic_dir, "--synthetic"):  # no generate run appends while the file is rewritten
+        entries = read_manifest(synthetic_dir)
+        updated = 0
+        for entry in entries:
+            if entry.file_name in scores:
+                entry.extra["label_fidelity_dice"] = scores[entry.file_name]
+                updated += 1
+        if updated:
+            lines = "".join(json.dumps(asdict(entry), ensure_ascii=False) + "\n" for entry in entries)
+            write_text_atomic(Path(synthetic_dir) / MANIFEST_NAME, lines)
     return updated
 
 
