@@ -23,6 +23,18 @@ def pickled_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` does not read as a safetensors file (only its header and length are checked, nothing is
+    loaded), or None if it does."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            return None
+    except (SafetensorError, OSError) as error:
+        return f"not a readable safetensors file ({error})"
+
+
 def partial_path(target: Path) -> Path:
     """The temporary name `target` is written under before it is renamed into place."""
     return target.with_name(f".{target.name}.partial")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medaug.conditioning import condition_class, load_projection
-from medaug.files import pickled_files
+from medaug.files import pickled_files, safetensors_problem
 from medaug.run_record import RunRecord, RunRecordError, read_run_record
 from medaug.training.lora import LORA_WEIGHTS_NAME
 
@@ -82,16 +82,10 @@ def check_run_files(model_dir: Path, record: RunRecord) -> None:
 
 
 def check_safetensors(path: Path) -> None:
-    """Refuse a truncated or edited safetensors file by name (its header and length are checked, nothing is
-    loaded)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy"):
-            pass
-    except (SafetensorError, OSError) as error:
-        raise RunRecordError(f"{path}: not a readable safetensors file ({error}); the run folder is damaged "
-                             "(copy it again, or retrain)") from None
+    """Refuse a truncated or edited safetensors file of a run folder by name."""
+    problem = safetensors_problem(path)
+    if problem:
+        raise RunRecordError(f"{path}: {problem}; the run folder is damaged (copy it again, or retrain)")
 
 
 def load_run_components(model_dir: str | Path, scheduler=None, base_model: str | Path | None = None

@@ -146,3 +146,55 @@ def test_unsupported_and_missing_files_are_named(tmp_path):
         read_array(tmp_path / "notes.txt")
     with pytest.raises(ImageReadError, match="gone.png: file not found"):
         read_array(tmp_path / "gone.png")
+
+
+def _png_header_only(path, width, height, bit_depth=16, colour_type=2):
+    """A PNG that claims a size in its IHDR chunk and holds no pixels: enough to test a check made before
+    decoding (a real 15000 x 15000 16-bit RGB bomb compresses to about 1.3 MB and decodes to 1.35 GB)."""
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    chunk = struct.pack(">I", len(header)) + b"IHDR" + header + struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk)
+    return path
+
+
+def test_a_png_claiming_too_many_pixels_is_refused_before_decoding(tmp_path):
+    from medaug.data.loading import image_size
+
+    bomb = _png_header_only(tmp_path / "bomb.png", 15000, 15000)
+    for read in (load_image, load_mask, read_array, image_size):
+        with pytest.raises(ImageReadError, match=r"bomb.png: 15000 x 15000 = 225,000,000 pixels, more than the "
+                                                 r"limit of 100,000,000 .*MEDAUG_MAX_IMAGE_PIXELS"):
+            read(bomb)
+
+
+def test_the_pixel_limit_applies_to_every_reader(tmp_path, monkeypatch):
+    pixels = np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8)
+    for suffix in (".png", ".tif", ".jpg"):
+        Image.fromarray(pixels).save(tmp_path / f"small{suffix}")
+    nibabel.save(nibabel.Nifti1Image(np.zeros((6, 4, 3), dtype=np.float32), affine=np.eye(4)), tmp_path / "v.nii")
+    monkeypatch.setenv("MEDAUG_MAX_IMAGE_PIXELS", "256")
+    for suffix in (".png", ".tif", ".jpg"):
+        assert read_array(tmp_path / f"small{suffix}").shape == (16, 16)  # at the limit: read
+    monkeypatch.setenv("MEDAUG_MAX_IMAGE_PIXELS", "255")
+    for suffix in (".png", ".tif", ".jpg"):
+        with pytest.raises(ImageReadError, match=rf"small\{suffix}: 16 x 16 = 256 pixels, more than the limit of 255"):
+            read_array(tmp_path / f"small{suffix}")
+    monkeypatch.setenv("MEDAUG_MAX_IMAGE_PIXELS", "23")
+    with pytest.raises(ImageReadError, match=r"v.nii: 6 x 4 = 24 pixels"):  # one slice counts, not the volume
+        read_array(tmp_path / "v.nii", slice_index=1)
+    monkeypatch.setenv("MEDAUG_MAX_IMAGE_PIXELS", "480*640")
+    with pytest.raises(ImageReadError, match=r"MEDAUG_MAX_IMAGE_PIXELS='480\*640': expected a whole number"):
+        read_array(tmp_path / "small.png")
+
+
+def test_the_pixel_limit_counts_every_dicom_frame(monkeypatch):
+    frames_path = dicom_file("emri_small.dcm")  # 10 frames of 64 x 64, decoded whole
+    monkeypatch.setenv("MEDAUG_MAX_IMAGE_PIXELS", str(64 * 64 * 10 - 1))
+    with pytest.raises(ImageReadError, match=r"emri_small.dcm: 64 x 64 x 10 frames = 40,960 pixels"):
+        read_array(frames_path, slice_index=3)
+    monkeypatch.setenv("MEDAUG_MAX_IMAGE_PIXELS", str(480 * 640 - 1))
+    with pytest.raises(ImageReadError, match=r"US1_UNCR.dcm: 640 x 480 = 307,200 pixels"):
+        load_image(dicom_file("US1_UNCR.dcm"))

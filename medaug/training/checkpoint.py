@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from medaug.files import safetensors_problem
+
 STATE_FILE = "training_state.json"
+DAMAGED_ADVICE = "the checkpoint is damaged (resume from an earlier one, or pass --overwrite to start again)"
 
 
 class CheckpointError(ValueError):
@@ -72,6 +75,19 @@ def load_checkpoint(
                               f"({type(error).__name__}: {error}); the checkpoint was edited or is damaged") from None
 
 
+def check_checkpoint(directory: Path) -> None:
+    """Refuse a damaged checkpoint before a resumed run loads anything: its state must read as JSON and each
+    safetensors file's header and length must check out (the tensors themselves are read at resume)."""
+    state_path = directory / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"{directory}: not a medaug checkpoint (no {STATE_FILE})")
+    _read_state(state_path)
+    for path in sorted(directory.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}; {DAMAGED_ADVICE}")
+
+
 def _read_state(path: Path) -> dict:
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
@@ -90,8 +106,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error}); the checkpoint is damaged "
-                              "(resume from an earlier one, or pass --overwrite to start again)") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error}); {DAMAGED_ADVICE}") from None
 
 
 def _load_trainable(path: Path, module: torch.nn.Module) -> None:

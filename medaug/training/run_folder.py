@@ -18,7 +18,7 @@ from pathlib import Path
 
 from medaug.outputs import OutputFolderError, output_lock
 from medaug.run_record import CARD_NAME, RECORD_NAME
-from medaug.training.checkpoint import list_checkpoints
+from medaug.training.checkpoint import check_checkpoint, list_checkpoints, resolve_checkpoint
 from medaug.training.lora import LORA_WEIGHTS_NAME
 
 # What a training run writes into its folder; --overwrite removes these and nothing else.
@@ -82,4 +82,7 @@ def claimed_run_folder(output_dir: str | Path, resume_from_checkpoint: str | Non
     with output_lock(output_dir, enabled=first) as path:
         if first or not overwrite:  # only the first process deletes; the others would see it half done
             check_run_folder(path, resuming=bool(resume_from_checkpoint), overwrite=overwrite and first)
+        checkpoint = resolve_checkpoint(path, resume_from_checkpoint) if resume_from_checkpoint else None
+        if checkpoint is not None:
+            check_checkpoint(checkpoint)  # before the base loads and latents are encoded, not after
         yield path
