@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medaug.console import reporting_errors
 from medaug.conditioning import CONDITION_KINDS, condition_class
+from medaug.console import reporting_errors
 from medaug.data import DatasetFolder
 from medaug.embeddings import parse_shape
 from medaug.metrics.fidelity import FidelitySegmenter
@@ -34,18 +34,18 @@ from medaug.run_record import RunRecord, write_run_record
 from medaug.training.base_model import (check_base_flag, check_xformers, load_base, resolve_resolution,
                                         vae_downsampling)
 from medaug.training.cache import DEFAULT_CACHE_DIR, TensorCache
-from medaug.training.run_folder import claimed_run_folder
 from medaug.training.checkpoint import (load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
 from medaug.training.conditions import (batch_hidden_states, cached_features, validation_embeddings,
                                         validation_rows)
+from medaug.training.consistency import MaskConsistencyLoss
 from medaug.training.data_order import EpochPermutationSampler, step_generator
 from medaug.training.latents import batch_latents, cached_latents, image_channels, pixel_dataset, training_rows
 from medaug.training.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
-from medaug.training.consistency import MaskConsistencyLoss
-from medaug.training.mask_channels import latent_masks, row_masks, widen_conv_in
 from medaug.training.loss import diffusion_loss
 from medaug.training.loss_log import LOSS_HISTORY, LossHistory
+from medaug.training.mask_channels import latent_masks, row_masks, widen_conv_in
+from medaug.training.run_folder import claimed_run_folder
 from medaug.training.validation import sample_images, save_grid
 
 logger = logging.getLogger("medaug.finetune")

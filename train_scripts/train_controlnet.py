@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medaug.console import reporting_errors
 from medaug.conditioning import CONDITION_KINDS, condition_class, load_projection
+from medaug.console import reporting_errors
 from medaug.data import DatasetFolder
 from medaug.edges import EDGE_METHODS, MASK_METHODS, row_control_image
 from medaug.embeddings import parse_shape
@@ -40,7 +40,6 @@ from medaug.run_loader import apply_run_weights
 from medaug.run_record import RunRecord, read_run_record, write_run_record
 from medaug.training.base_model import check_base_flag, check_xformers, load_base, resolve_resolution
 from medaug.training.cache import DEFAULT_CACHE_DIR, TensorCache
-from medaug.training.run_folder import claimed_run_folder
 from medaug.training.checkpoint import (load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
 from medaug.training.conditions import (batch_hidden_states, cached_features, validation_embeddings,
@@ -50,6 +49,7 @@ from medaug.training.latents import batch_latents, cached_latents, image_channel
 from medaug.training.lora import LORA_WEIGHTS_NAME, UNET_TARGETS, add_lora
 from medaug.training.loss import diffusion_loss
 from medaug.training.loss_log import LOSS_HISTORY, LossHistory
+from medaug.training.run_folder import claimed_run_folder
 from medaug.training.validation import sample_images, save_grid
 
 logger = logging.getLogger("medaug.controlnet")

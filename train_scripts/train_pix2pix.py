@@ -30,12 +30,12 @@ from medaug.console import reporting_errors
 from medaug.data import DatasetFolder, MedicalImageDataset
 from medaug.models.pix2pix import PatchDiscriminator, Pix2PixGenerator
 from medaug.run_record import RunRecord, write_run_record
-from medaug.training.run_folder import claimed_run_folder
 from medaug.training.checkpoint import (load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
 from medaug.training.data_order import EpochPermutationSampler, step_generator
 from medaug.training.latents import image_channels, training_rows
 from medaug.training.loss_log import LOSS_HISTORY, LossHistory
+from medaug.training.run_folder import claimed_run_folder
 from medaug.training.validation import save_grid
 
 logger = logging.getLogger("medaug.pix2pix")

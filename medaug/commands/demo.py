@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from medaug.console import console, fail
-from medaug.outputs import output_lock
 from medaug.demo import DemoSettings
+from medaug.outputs import output_lock
 
 
 def demo_command(
