@@ -100,9 +100,10 @@ def model_identity(model_dir: Path) -> str:
 def plan_generation(model_dir, edges=None, from_masks=None, from_images=None, prompt=None, embeddings_file=None,
                     split="train", num_per_source=1, num_inference_steps=30, guidance_scale=3.0,
                     controlnet_conditioning_scale=1.0, scheduler="ddim", seed=0, resolution=None,
-                    max_sources=None, base_model=None) -> Plan:
+                    max_sources=None, base_model=None, lora_weights=None, controlnet=None) -> Plan:
     """Check the flags, the model folder and the source, and list the jobs; raises ValueError naming the flag,
-    file or column at fault."""
+    file or column at fault. Without `model_dir`, the model is `base_model` with a diffusers-format LoRA file
+    and/or ControlNet folder trained elsewhere (`medaug.adapters`)."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"--scheduler: unknown scheduler '{scheduler}'; expected one of {', '.join(SCHEDULERS)}")
     for flag, value in (("--num_per_source", num_per_source), ("--num_inference_steps", num_inference_steps),
@@ -113,7 +114,7 @@ def plan_generation(model_dir, edges=None, from_masks=None, from_images=None, pr
                                            ("--from_images", from_images)) if path is not None}
     if len(given) > 1:
         raise ValueError(f"give one source of structure, not {' and '.join(given)}")
-    model_dir = Path(model_dir).resolve()
+    model_dir = Path(_model_folder(model_dir, base_model, lora_weights, controlnet)).resolve()
     record = read_run_record(model_dir, base_model)
     check_run_files(model_dir, record)
     resolution = int(resolution or record.resolution)
@@ -138,6 +139,18 @@ def plan_generation(model_dir, edges=None, from_masks=None, from_images=None, pr
         "fit": record.fit, "channels": record.channels,
     }
     return Plan(record, condition, settings, sources, make_jobs(sources, num_per_source, seed))
+
+
+def _model_folder(model_dir, base_model, lora_weights, controlnet) -> Path:
+    """--model_dir, or a run folder made for adapters trained elsewhere."""
+    from medaug.adapters import adapter_run_folder
+
+    adapters = [flag for flag, value in (("--lora_weights", lora_weights), ("--controlnet", controlnet)) if value]
+    if model_dir is not None and adapters:
+        raise ValueError(f"give --model_dir (a medaug run) or {' and '.join(adapters)} with --base_model, not both")
+    if model_dir is None and base_model is None:
+        raise ValueError("give --model_dir (a medaug run), or --base_model with --lora_weights and/or --controlnet")
+    return model_dir if model_dir is not None else adapter_run_folder(base_model, lora_weights, controlnet)
 
 
 def draws_for_masks(record: RunRecord) -> bool:
@@ -250,13 +263,14 @@ def process_state():
     return PartialState(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
 
 
-def generate(model_dir: str | Path, output_dir: str | Path, edges: str | Path | None = None,
+def generate(model_dir: str | Path | None, output_dir: str | Path, edges: str | Path | None = None,
              from_masks: str | Path | None = None, from_images: str | Path | None = None, prompt: str | None = None,
              embeddings_file: str | Path | None = None, split: str = "train", num_per_source: int = 1,
              num_inference_steps: int = 30, guidance_scale: float = 3.0, controlnet_conditioning_scale: float = 1.0,
              scheduler: str = "ddim", seed: int = 0, batch_size: int = 4, resolution: int | None = None,
              resume: bool = False, overwrite: bool = False, max_sources: int | None = None,
-             base_model: str | Path | None = None, progress: Callable[[int], None] | None = None,
+             base_model: str | Path | None = None, lora_weights: str | Path | None = None,
+             controlnet: str | Path | None = None, progress: Callable[[int], None] | None = None,
              on_start: Callable[[int], None] | None = None) -> dict:
     """Generate a synthetic dataset folder; return {written, skipped, total, seconds, images_per_second, ...}.
 
@@ -269,7 +283,7 @@ def generate(model_dir: str | Path, output_dir: str | Path, edges: str | Path | 
     plan = plan_generation(model_dir, edges, from_masks, from_images, prompt,
                            str(embeddings_file) if embeddings_file else None, split, num_per_source,
                            num_inference_steps, guidance_scale, controlnet_conditioning_scale, scheduler, seed,
-                           resolution, max_sources, base_model)
+                           resolution, max_sources, base_model, lora_weights, controlnet)
     state = process_state()
     with output_lock(output_dir, enabled=state.is_main_process):  # one run writes a folder at a time
         check_output_folder(output_dir, plan.settings, resume, overwrite, GROWABLE)

@@ -37,15 +37,11 @@ def finetuned_folder(base: Path, data: Path, output_dir: Path, kind: str = "text
     return output_dir
 
 
-def add_controlnet(model_dir: Path, edge_method: str = "mask_boundary", seed: int = 0) -> Path:
-    """A ControlNet copied from the run's UNet with its zero layers made small and random, so the control image
-    changes the output, saved as train_controlnet.py saves one."""
+def random_controlnet(unet, seed: int = 0):
+    """A ControlNet copied from `unet` with its zero layers made small and random, so the control image changes
+    the output (as training would make them)."""
     from diffusers import ControlNetModel
 
-    from medaug.pipelines import MedaugPipeline
-    from medaug.run_record import read_run_record, write_run_record
-
-    unet = MedaugPipeline.from_medaug(model_dir).unet  # the LoRA fused in, as train_controlnet.py copies the UNet
     torch.manual_seed(seed)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
     zero_layers = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
@@ -54,7 +50,16 @@ def add_controlnet(model_dir: Path, edge_method: str = "mask_boundary", seed: in
         for layer in zero_layers:
             layer.weight.normal_(0.0, 0.3)
             layer.bias.normal_(0.0, 0.3)
-    controlnet.save_pretrained(model_dir / "controlnet", safe_serialization=True)
+    return controlnet
+
+
+def add_controlnet(model_dir: Path, edge_method: str = "mask_boundary", seed: int = 0) -> Path:
+    """`random_controlnet` of the run's UNet, saved as train_controlnet.py saves one."""
+    from medaug.pipelines import MedaugPipeline
+    from medaug.run_record import read_run_record, write_run_record
+
+    unet = MedaugPipeline.from_medaug(model_dir).unet  # the LoRA fused in, as train_controlnet.py copies the UNet
+    random_controlnet(unet, seed).save_pretrained(model_dir / "controlnet", safe_serialization=True)
     record = read_run_record(model_dir)
     record.controlnet, record.edge_method, record.script = True, edge_method, "train_controlnet"
     write_run_record(model_dir, record)

@@ -39,7 +39,7 @@ SUBCOMMANDS = {
     "generate": ["--model_dir", "--output_dir", "--edges", "--from_masks", "--from_images", "--prompt",
                  "--embeddings_file", "--split", "--num_per_source", "--num_inference_steps", "--guidance_scale",
                  "--controlnet_conditioning_scale", "--scheduler", "--seed", "--batch_size", "--resolution",
-                 "--resume", "--overwrite", "--max_sources", "--base_model"],
+                 "--resume", "--overwrite", "--max_sources", "--base_model", "--lora_weights", "--controlnet"],
 }
 
 

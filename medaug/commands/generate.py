@@ -11,10 +11,11 @@ from medaug.console import console, fail, progress_bar
 
 
 def generate_command(
-    model_dir: Annotated[Path, typer.Option(
-        "--model_dir", help="Output folder of finetune.py or train_controlnet.py (medaug_args.json and weights).")],
     output_dir: Annotated[Path, typer.Option(
         "--output_dir", help="Synthetic folder to write: images/, masks/, metadata.csv, manifest.jsonl.")],
+    model_dir: Annotated[Optional[Path], typer.Option(
+        "--model_dir", help="Output folder of finetune.py or train_controlnet.py (medaug_args.json and weights); "
+                            "or give --base_model with --lora_weights and/or --controlnet.")] = None,
     edges: Annotated[Optional[Path], typer.Option(
         "--edges", help="Edge maps to follow: a dataset folder naming them in conditioning_image_file_name (as "
                         "`medaug edges` writes), or a plain folder of edge images at the output size.")] = None,
@@ -52,7 +53,15 @@ def generate_command(
         "--max_sources", min=1, help="Use only the first N source rows (debugging).")] = None,
     base_model: Annotated[Optional[str], typer.Option(
         "--base_model", help="Where the run's base model is now (a folder or a Hub name), when it moved since "
-                             "training; default: what the run folder records.")] = None,
+                             "training; default: what the run folder records. Without --model_dir: the base "
+                             "that --lora_weights and --controlnet were trained on.")] = None,
+    lora_weights: Annotated[Optional[Path], typer.Option(
+        "--lora_weights", help="A LoRA trained elsewhere, as the .safetensors file diffusers' save_lora_weights "
+                               "writes (or any format load_lora_weights reads); with --base_model, no --model_dir."
+                               )] = None,
+    controlnet: Annotated[Optional[Path], typer.Option(
+        "--controlnet", help="A ControlNet trained elsewhere: the folder ControlNetModel.save_pretrained writes; "
+                             "with --base_model, no --model_dir.")] = None,
 ) -> None:
     """Generate images (with the masks they were made for) into a dataset folder with a provenance manifest.
 
@@ -73,7 +82,8 @@ def generate_command(
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                 controlnet_conditioning_scale=controlnet_conditioning_scale, scheduler=scheduler, seed=seed,
                 batch_size=batch_size, resolution=resolution, resume=resume, overwrite=overwrite,
-                max_sources=max_sources, base_model=base_model, on_start=lambda jobs: bar.update(task, total=jobs),
+                max_sources=max_sources, base_model=base_model, lora_weights=lora_weights, controlnet=controlnet,
+                on_start=lambda jobs: bar.update(task, total=jobs),
                 progress=lambda n: bar.advance(task, n))
         except (ValueError, FileNotFoundError, FileExistsError) as error:  # DatasetError, EmbeddingError too
             fail(str(error))
