@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from medaug.files import safetensors_problem
-from medaug.run_record import RunRecord, RunRecordError, write_run_record
+from medaug.run_record import RECORD_NAME, RunRecord, RunRecordError, local_base, write_run_record
 from medaug.training.lora import LORA_WEIGHTS_NAME
 
 ADAPTER_SCRIPT = "diffusers adapters"
@@ -27,16 +28,29 @@ def adapter_run_folder(base_model: str | None, lora_weights: str | Path | None, 
     if not base_model:
         raise RunRecordError("--base_model: give the base the adapters were trained on (a diffusers folder or a "
                              "Hub name) with --lora_weights or --controlnet")
+    base_model = str(local_base(base_model) or base_model)  # a local folder by its absolute path
     lora = _lora_file(lora_weights) if lora_weights is not None else None
     control = _controlnet_folder(controlnet, base_model) if controlnet is not None else None
     folder = _adapter_folder(base_model, lora, control, cache_dir)
-    _link(folder / LORA_WEIGHTS_NAME, lora)
-    _link(folder / "controlnet", control)
-    write_run_record(folder, RunRecord(
-        base_model=base_model, resolution=base_resolution(base_model), script=ADAPTER_SCRIPT,
+    if (folder / RECORD_NAME).is_file():
+        return folder  # made before: its name is the hash of the base's and the files' paths
+    resolution = base_resolution(base_model)
+    partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    if lora:
+        (partial / LORA_WEIGHTS_NAME).symlink_to(lora)
+    if control:
+        (partial / "controlnet").symlink_to(control, target_is_directory=True)
+    write_run_record(partial, RunRecord(
+        base_model=base_model, resolution=resolution, script=ADAPTER_SCRIPT,
         unet_train_mode="lora" if lora else "frozen", controlnet=control is not None,
         arguments={"base_model": base_model, "lora_weights": str(lora) if lora else None,
                    "controlnet": str(control) if control else None}))
+    try:
+        partial.rename(folder)  # whole or not at all; another process may have made it first
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 
@@ -90,16 +104,4 @@ def _adapter_folder(base_model: str, lora: Path | None, control: Path | None, ca
     from medaug.training.cache import DEFAULT_CACHE_DIR
 
     key = hashlib.sha256("\n".join([base_model, str(lora), str(control)]).encode()).hexdigest()[:16]
-    folder = Path(cache_dir or DEFAULT_CACHE_DIR) / "adapters" / key
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def _link(link: Path, target: Path | None) -> None:
-    """`link` points at `target` (or does not exist when target is None), whatever was there before."""
-    if link.is_symlink() and target is not None and Path(os.readlink(link)) == target:
-        return
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    if target is not None:
-        link.symlink_to(target, target_is_directory=target.is_dir())
+    return Path(cache_dir or DEFAULT_CACHE_DIR) / "adapters" / key
