@@ -14,29 +14,26 @@ from PIL import Image
 
 from medaug.generate import job_seed
 from tests.model_folders import model_folder, random_controlnet  # noqa: F401 (model_folder: a fixture)
+from tests.test_bench_speed import load_benchmark
 from tests.test_guards import run_command
 
 PROMPT = "breast ultrasound, benign lesion"
 
 
-def diffusers_lora_file(base, path, seed=0):
-    """A UNet LoRA as diffusers' train_text_to_image_lora.py saves it (PEFT adapter on the attention projections,
-    `save_lora_weights`), its up-projections made random as training would make them; saved under a name of the
-    user's choosing."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+def diffusers_lora_file(base, data, path):
+    """A UNet LoRA trained by the stock-style loop of benchmarks/train_throughput.py (what diffusers'
+    train_text_to_image_lora.py does per step) for a few steps, at a high learning rate so that it shows, and
+    saved as that script saves it (`save_lora_weights`), under a name of the user's choosing."""
+    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, 0.5)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    stock = load_benchmark("train_throughput")
+    torch.manual_seed(0)
+    parts = stock.load_baseline(base, rank=4, device="cpu")
+    stock.train_baseline(parts, stock.baseline_loader(parts, data, num_rows=6, batch_size=2, seed=0), steps=3,
+                         learning_rate=5e-2)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(parts["unet"]))
     StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=layers, weight_name=path.name,
                                               safe_serialization=True)
     return path
@@ -66,10 +63,10 @@ def generate(capsys, output_dir, *flags):
     return written_images(output_dir)
 
 
-def test_a_diffusers_lora_file_generates_as_stock_diffusers_generates(tiny_model_dir, tmp_path, capsys,
+def test_a_diffusers_lora_file_generates_as_stock_diffusers_generates(tiny_model_dir, phantom_dir, tmp_path, capsys,
                                                                      one_torch_thread, monkeypatch):
     monkeypatch.setattr("medaug.training.cache.DEFAULT_CACHE_DIR", tmp_path / "cache")
-    lora = diffusers_lora_file(tiny_model_dir, tmp_path / "their_lora.safetensors")
+    lora = diffusers_lora_file(tiny_model_dir, phantom_dir, tmp_path / "their_lora.safetensors")
     images = generate(capsys, tmp_path / "out", "--base_model", tiny_model_dir, "--lora_weights", lora,
                       "--prompt", PROMPT, "--num_per_source", "2")
     assert len(images) == 2
@@ -125,8 +122,8 @@ def _foreign_controlnet(tiny_model_dir, path):
 
 
 @pytest.mark.parametrize("case", ["pickle lora", "controlnet of another base", "model_dir and adapters", "no base"])
-def test_adapters_that_cannot_work_are_refused_by_flag(case, tiny_model_dir, model_folder, tmp_path, capsys,  # noqa: F811
-                                                       monkeypatch):
+def test_adapters_that_cannot_work_are_refused_by_flag(case, tiny_model_dir, model_folder,  # noqa: F811
+                                                       tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("medaug.training.cache.DEFAULT_CACHE_DIR", tmp_path / "cache")
     pickled = tmp_path / "lora.bin"
     torch.save({"unet.weight": torch.zeros(1)}, pickled)
