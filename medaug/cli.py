@@ -176,6 +176,9 @@ app.command("demo")(demo_command)
 from medaug.commands.generate import generate_command  # noqa: E402
 app.command("generate")(generate_command)
 
+from medaug.commands.ssl import ssl_command  # noqa: E402
+app.command("ssl")(ssl_command)
+
 from medaug.commands.study import study_app  # noqa: E402
 app.add_typer(study_app, name="study")
 

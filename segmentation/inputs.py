@@ -63,6 +63,20 @@ def load_study_data(task: str, real_dir: str | Path, synthetic_dirs: list[str | 
     return StudyData(items["train"], items["val"], items["test"], synthetic, classes, notes)
 
 
+def synthetic_pool(directory: str | Path, real_dir: str | Path, allow_unknown_provenance: bool = False
+                   ) -> tuple[DatasetFolder, list[str]]:
+    """A synthetic folder whose images join an unlabelled pool (self-supervised pre-training: neither labels nor
+    masks needed), checked as a study checks one: every row split 'train', no test-split source, provenance known
+    (or accepted as a risk, which the returned notes say)."""
+    real = _open_folder(real_dir, "--data", check_images=False)
+    folder = _open_folder(directory, "--synthetic", check_images=True)
+    _synthetic_rows(folder, "pool", "", set())
+    _refuse_test_sources(folder, real, _split_rows(real, "test", "--data", required=False))
+    notes: list[str] = []
+    _check_provenance(folder, allow_unknown_provenance, notes)
+    return folder, notes
+
+
 def _open_folder(directory: str | Path, flag: str, check_images: bool) -> DatasetFolder:
     try:
         folder = DatasetFolder(directory)

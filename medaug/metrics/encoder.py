@@ -157,14 +157,14 @@ def load_training_images(dataset_dir: str | Path, split: str | None, channels: i
     return torch.from_numpy(load_all(image_set, channels, resolution, fit)).permute(0, 3, 1, 2).contiguous()
 
 
-def _learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+def warmup_cosine_rate(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _batches(count: int, batch_size: int, seed: int):
+def shuffled_batches(count: int, batch_size: int, seed: int):
     """Endless index batches, reshuffled each epoch; a short last batch is dropped (SimCLR wants full ones)."""
     order = np.random.default_rng(seed)
     while True:
@@ -195,14 +195,14 @@ def train_encoder(
     encoder = DomainEncoder(in_channels=images.shape[1], resolution=images.shape[-1],
                             block_channels=tuple(block_channels), fit=fit).to(device).train()
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=learning_rate, weight_decay=1e-4)
-    batches = _batches(images.shape[0], min(train_batch_size, images.shape[0]), seed)
+    batches = shuffled_batches(images.shape[0], min(train_batch_size, images.shape[0]), seed)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / "training_log.jsonl", "w", encoding="utf-8") as log:
         for step in range(max_train_steps):
             batch = images[next(batches)].to(device)
             for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(step, max_train_steps, learning_rate, max(1, max_train_steps // 20))
+                group["lr"] = warmup_cosine_rate(step, max_train_steps, learning_rate, max(1, max_train_steps // 20))
             loss = nt_xent(encoder(augment(batch, generator)), encoder(augment(batch, generator)), temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
