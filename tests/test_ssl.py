@@ -117,17 +117,18 @@ def _study(phantom_dir, output_dir, **changes):
 
 def test_a_study_resumes_grows_and_refuses_other_settings(phantom_dir, tmp_path):
     summary = _study(phantom_dir, tmp_path / "study")
-    assert {(row["method"], row["policy"]) for row in summary["rows"]} == {("simclr", "crop"),
-                                                                           ("supervised", "geometric")}
+    assert {(row["method"], row["policy"]) for row in summary["rows"]} == {
+        ("simclr", "crop"), ("supervised", "geometric"), ("random", "none")}
     assert summary["class_counts"]["train"] == {"irregular": 7, "round": 7}
     report = (tmp_path / "study" / "report.html").read_text()
-    assert report.count("data:image/png;base64,") == 1 + 2 * 2  # the plot, and 2 Grad-CAM maps per encoder
+    assert report.count("data:image/png;base64,") == 1 + 3 * 2  # the plot, and 2 Grad-CAM maps per model
     first = tmp_path / "study" / "runs" / "simclr-crop-real-seed0" / "result.json"
     written = first.stat().st_mtime_ns
     grown = _study(phantom_dir, tmp_path / "study", seeds=(0, 1), methods=("simclr", "byol"))
     assert first.stat().st_mtime_ns == written  # done runs are read back, not redone
-    assert len(list((tmp_path / "study" / "runs").iterdir())) == 6  # 2 methods x 2 seeds + 2 supervised
-    assert {row["method"]: len(row["seeds"]) for row in grown["rows"]} == {"simclr": 2, "byol": 2, "supervised": 2}
+    assert len(list((tmp_path / "study" / "runs").iterdir())) == 8  # 2 methods x 2 seeds, 2 baselines x 2 seeds
+    assert {row["method"]: len(row["seeds"]) for row in grown["rows"]} == {"simclr": 2, "byol": 2, "supervised": 2,
+                                                                           "random": 2}
     assert set(grown["spread"]) == {"simclr", "byol"}
     with pytest.raises(SslStudyError, match="other settings \\(resolution\\)"):
         _study(phantom_dir, tmp_path / "study", resolution=64)

@@ -85,6 +85,15 @@ def target_rate(step: int, total: int, base: float) -> float:
     return 1 - (1 - base) * (math.cos(math.pi * step / max(1, total)) + 1) / 2
 
 
+def initial_encoder(images: torch.Tensor, settings: PretrainSettings, seed: int, method: str = "random"
+                    ) -> DomainEncoder:
+    """The encoder before any training, seeded: pre-training starts here, and the study probes it as a floor (what
+    a probe gets from random convolutional features)."""
+    torch.manual_seed(seed)
+    return DomainEncoder(in_channels=images.shape[1], resolution=images.shape[-1],
+                         block_channels=tuple(settings.block_channels), method=method)
+
+
 def pretrain(images: torch.Tensor, method: str, policy: Policy, settings: PretrainSettings, seed: int,
              device: str = "cpu", on_step: Callable[[int, float], None] | None = None) -> DomainEncoder:
     """An encoder pre-trained on `images` (N, C, R, R) in [0, 1] by `method` under `policy`."""
@@ -92,9 +101,7 @@ def pretrain(images: torch.Tensor, method: str, policy: Policy, settings: Pretra
         raise ValueError(f"--method: unknown method '{method}'; expected one of {', '.join(METHODS)}")
     if images.shape[0] < 2:
         raise ValueError(f"self-supervised pre-training needs at least 2 images, got {images.shape[0]}")
-    torch.manual_seed(seed)
-    encoder = DomainEncoder(in_channels=images.shape[1], resolution=images.shape[-1],
-                            block_channels=tuple(settings.block_channels), method=method).to(device).train()
+    encoder = initial_encoder(images, settings, seed, method).to(device).train()
     learner = Byol(encoder).to(device).train() if method == "byol" else None
     parameters = learner.online_parameters() if learner else list(encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=1e-4)

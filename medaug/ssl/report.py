@@ -14,6 +14,7 @@ import numpy as np
 from medaug.files import plain_json, write_text_atomic
 
 SCORES = ("auc", "accuracy", "macro_f1")
+BASELINE_LABELS = {"supervised": "supervised\n({policy})", "random": "random init\n(no training)"}
 
 
 def seed_interval(values: list[float]) -> dict:
@@ -51,7 +52,7 @@ def _spread(rows: list[dict]) -> dict:
     """Per self-supervised method on the real pool: the best and worst policy by mean AUC, and the range and
     standard deviation of the policies' mean AUCs (how much the choice of augmentation matters)."""
     spread = {}
-    for method in sorted({row["method"] for row in rows} - {"supervised"}):
+    for method in sorted({row["method"] for row in rows} - set(BASELINE_LABELS)):
         means = {row["policy"]: row["auc"]["mean"] for row in rows
                  if row["method"] == method and row["pool"] == "real" and math.isfinite(row["auc"]["mean"])}
         if means:
@@ -77,7 +78,7 @@ def _results_table(summary: dict) -> str:
         "<tr>" + "".join(f"<td>{html.escape(str(value))}</td>" for value in (
             row["method"], row["policy"], row["pool"], " + ".join(row["augmentations"]), len(row["seeds"]),
             _cell(row["auc"]), _cell(row["accuracy"]), _cell(row["macro_f1"]))) + "</tr>"
-        for row in sorted(summary["rows"], key=lambda r: (r["method"] == "supervised", r["method"], r["pool"],
+        for row in sorted(summary["rows"], key=lambda r: (r["method"] in BASELINE_LABELS, r["method"], r["pool"],
                                                           -(r["auc"]["mean"] or 0))))
     return f"<table><tr>{header}</tr>{body}</table>"
 
@@ -107,22 +108,23 @@ def auc_plot(summary: dict) -> np.ndarray:
     from PIL import Image
 
     rows = [row for row in summary["rows"] if row["pool"] == "real"]
-    groups = sorted({row["policy"] for row in rows if row["method"] != "supervised"}) + ["supervised"]
-    methods = sorted({row["method"] for row in rows} - {"supervised"})
+    baselines = sorted({row["method"] for row in rows} & set(BASELINE_LABELS))
+    groups = sorted({row["policy"] for row in rows if row["method"] not in BASELINE_LABELS}) + baselines
+    methods = sorted({row["method"] for row in rows} - set(BASELINE_LABELS))
     figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(groups) + 2), 4), dpi=100)
     width = 0.8 / max(1, len(methods))
     for row in rows:
-        supervised = row["method"] == "supervised"
-        number = 0 if supervised else methods.index(row["method"])
-        x = groups.index("supervised" if supervised else row["policy"]) + (
-            0 if supervised else (number - (len(methods) - 1) / 2) * width)
-        colour = "grey" if supervised else f"C{number}"
+        baseline = row["method"] in BASELINE_LABELS
+        number = 0 if baseline else methods.index(row["method"])
+        x = groups.index(row["method"] if baseline else row["policy"]) + (
+            0 if baseline else (number - (len(methods) - 1) / 2) * width)
+        colour = "grey" if baseline else f"C{number}"
         values = [v for v in row["auc"]["values"] if v is not None]
         axis.bar(x, row["auc"]["mean"], width * 0.9, color=colour, alpha=0.6,
-                 label=None if supervised or row["policy"] != groups[0] else row["method"])
+                 label=None if baseline or row["policy"] != groups[0] else row["method"])
         axis.scatter([x] * len(values), values, color=colour, s=12, zorder=3)
-    axis.set_xticks(range(len(groups)), [g if g != "supervised" else
-                                        f"supervised\n({summary['settings']['supervised_policy']})" for g in groups])
+    axis.set_xticks(range(len(groups)), [BASELINE_LABELS.get(group, group).format(
+        policy=summary["settings"]["supervised_policy"]) for group in groups])
     axis.set_ylabel("test AUC (probe; supervised: its own head)")
     axis.set_ylim(0.0, 1.0)
     axis.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
@@ -181,7 +183,8 @@ def write_report(output_dir: Path, summary: dict, runs, data, settings) -> Path:
 <h1>Self-supervised pre-training: which augmentations help?</h1>
 <p class="note">Encoders pre-trained on the unlabelled training images ({'CLAHE-equalised, ' if settings.clahe else ''}\
 {settings.resolution} px), scored by a logistic-regression probe on frozen features; the supervised row trains the
-same network with cross-entropy on the same labels. Test split of the real data; mean over seeds with a 95% Student-t
+same network with cross-entropy on the same labels, and the random row probes that network as initialised (the floor
+a pre-trained encoder has to beat). Test split of the real data; mean over seeds with a 95% Student-t
 interval clipped to [0, 1] (over seeds, not test images). Label column '{html.escape(settings.label_column)}'.</p>
 {"".join(f"<p class='note'><b>{html.escape(note)}</b></p>" for note in summary["notes"])}
 <h2>Classes</h2>{_counts_table(summary)}

@@ -21,12 +21,16 @@ import torch
 
 from medaug.files import write_json_atomic
 from medaug.ssl.policies import Policy, clahe, parse_policies
-from medaug.ssl.pretrain import METHODS, PretrainSettings, pretrain
+from medaug.ssl.pretrain import METHODS, PretrainSettings, initial_encoder, pretrain
 from medaug.ssl.probe import (Classifier, classification_scores, encode, fit_probe, predict, train_supervised)
 
 SETTINGS_NAME = "ssl_settings.json"
 # Settings a resumed study may change: more of each is more runs, not other runs.
 GROWABLE = ("methods", "policies", "seeds", "synthetic_policies", "gradcam_images")
+
+
+BASELINES = ("supervised", "random")  # the same network trained on the labels; left as initialised
+NO_POLICY = Policy("none", ())
 
 
 class SslStudyError(ValueError):
@@ -83,7 +87,8 @@ def plan_runs(settings: SslSettings) -> list[Run]:
     runs += [Run(method, policy, "real+synthetic", seed) for method in settings.methods for policy in synthetic
              for seed in settings.seeds]
     supervised = parse_policies(settings.supervised_policy)[0]
-    return runs + [Run("supervised", supervised, "real", seed) for seed in settings.seeds]
+    return runs + [Run(baseline, supervised if baseline == "supervised" else NO_POLICY, "real", seed)
+                   for baseline in BASELINES for seed in settings.seeds]
 
 
 def load_images(folder, rows: list[int], settings: SslSettings) -> torch.Tensor:
@@ -150,7 +155,8 @@ def class_counts(data: LabelledData) -> dict:
 
 
 def _pretrained_scores(run: Run, pool: torch.Tensor, data: LabelledData, settings: SslSettings, device: str):
-    encoder = pretrain(pool, run.method, run.policy, settings.pretrain, run.seed, device)
+    encoder = (initial_encoder(pool, settings.pretrain, run.seed).to(device) if run.method == "random" else
+               pretrain(pool, run.method, run.policy, settings.pretrain, run.seed, device))
     features = {split: encode(encoder, images) for split, images in data.images.items()}
     probe = fit_probe(features["train"], data.labels["train"], features["val"], data.labels["val"],
                       len(data.classes))
@@ -195,7 +201,9 @@ def check_settings(output_dir: Path, settings: SslSettings) -> None:
     current = json.loads(json.dumps(asdict(settings)))
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
-        changed = [key for key in current if key not in GROWABLE and stored.get(key) != current[key]]
+        added_synthetic = stored.get("synthetic") is None  # a pool arm added to a finished study: more runs
+        changed = [key for key in current if key not in GROWABLE and stored.get(key) != current[key]
+                   and not (key in ("synthetic", "allow_unknown_provenance") and added_synthetic)]
         if changed:
             raise SslStudyError(f"--output_dir: {output_dir} holds a study made with other settings "
                                 f"({', '.join(changed)}); choose another folder or keep them")
