@@ -1,4 +1,9 @@
-"""Statistics over seeds and over paired test images."""
+"""Statistics over seeds and over paired test images.
+
+`bootstrap_interval` is what reports show: a percentile bootstrap of the mean, over seeds and, where per-image
+scores exist, over test images too, clipped to the metric's range, so a Dice interval never leaves [0, 1] as a
+Student-t interval over three seeds does ("0.225 ± 0.514"). `mean_ci` (Student t) stays for callers that ask for it.
+"""
 
 from __future__ import annotations
 
@@ -42,3 +47,122 @@ def paired_test(arm: list[float], baseline: list[float]) -> dict:
         warnings.simplefilter("ignore")
         result["p_value"] = float(stats.wilcoxon(a, b).pvalue)
     return result
+
+
+BOOTSTRAP_RESAMPLES = 2000
+BOUNDS = {"dice": (0.0, 1.0), "iou": (0.0, 1.0), "dice_lesion": (0.0, 1.0), "auc": (0.0, 1.0),
+          "accuracy": (0.0, 1.0), "macro_f1": (0.0, 1.0), "prob_true": (0.0, 1.0), "correct": (0.0, 1.0),
+          "hd95": (0.0, math.inf)}
+
+
+def difference_bounds(bounds: tuple[float, float] | None) -> tuple[float, float] | None:
+    """The range of (arm - baseline) when each lies in `bounds`."""
+    if bounds is None:
+        return None
+    low, high = bounds
+    return low - high, high - low
+
+
+def _score_matrix(scores) -> np.ndarray:
+    """(seeds, images) float matrix; a 1-D sequence is one score per seed (None counts as undefined)."""
+    array = np.asarray([[math.nan if v is None else v for v in row] for row in scores] if _nested(scores)
+                       else [[math.nan if v is None else v] for v in scores], dtype=float)
+    keep = ~np.all(np.isnan(array), axis=1) if array.size else np.zeros(0, bool)
+    return array[keep]
+
+
+def _nested(scores) -> bool:
+    return len(scores) > 0 and isinstance(scores[0], (list, tuple, np.ndarray))
+
+
+def _statistic(matrix: np.ndarray, seeds: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """For each resample: the mean over its seeds of the mean over its images (NaN scores left out)."""
+    picked = matrix[seeds[:, :, None], images[:, None, :]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample of only undefined scores is NaN
+        return np.nanmean(np.nanmean(picked, axis=2), axis=1)
+
+
+def bootstrap_interval(scores, bounds: tuple[float, float] | None = None, confidence: float = 0.95,
+                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """Mean and percentile bootstrap interval of the mean, clipped to `bounds`.
+
+    `scores`: one value per seed, or a (seeds, images) table of per-image scores (NaN: undefined, left out), where
+    each resample draws seeds and, within them, test images with replacement. The point estimate is the mean over
+    seeds of each seed's mean, as the runs report it. The interval is NaN where nothing varies that can be
+    resampled (one seed without per-image scores)."""
+    matrix = _score_matrix(scores)
+    result = {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "ci_method": _method(matrix, confidence)}
+    if matrix.size == 0:
+        return result
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result["mean"] = float(np.nanmean(np.nanmean(matrix, axis=1)))
+    seeds_count, images_count = matrix.shape
+    if seeds_count < 2 and images_count < 2:
+        return result
+    rng = np.random.default_rng(seed)
+    values = []
+    for start in range(0, resamples, 250):  # bounded memory: 250 x seeds x images at a time
+        block = min(250, resamples - start)
+        values.append(_statistic(matrix, rng.integers(0, seeds_count, (block, seeds_count)),
+                                 rng.integers(0, images_count, (block, images_count))))
+    values = np.concatenate(values)
+    values = values[np.isfinite(values)]
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    if bounds is not None:
+        low, high = np.clip([low, high], *bounds)
+    result["ci_low"], result["ci_high"] = float(low), float(high)
+    return result
+
+
+def _method(matrix: np.ndarray, confidence: float) -> str:
+    over = "seeds and test images" if matrix.ndim == 2 and matrix.shape[1] > 1 else "seeds"
+    return f"{confidence:.0%} percentile bootstrap over {over} ({BOOTSTRAP_RESAMPLES} resamples)"
+
+
+def verdict(difference: dict, p_value: float, higher_is_better: bool = True, alpha: float = 0.05) -> str:
+    """One phrase for a paired difference that the interval and the test both support.
+
+    'better' or 'worse' only when the interval of the difference excludes 0 and the paired test agrees;
+    otherwise 'no clear difference', so a small p never sits beside an interval that holds 0 unremarked."""
+    low, high = difference.get("ci_low", math.nan), difference.get("ci_high", math.nan)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "no interval (one seed)" if not math.isfinite(p_value) else "no clear difference"
+    excludes_zero = low > 0 or high < 0
+    if not excludes_zero or not (math.isfinite(p_value) and p_value < alpha):
+        return "no clear difference"
+    return "better" if (low > 0) == higher_is_better else "worse"
+
+
+PER_IMAGE_SOURCE = {"dice_lesion": "dice", "accuracy": "correct"}  # run metrics that are means of per-image scores
+
+
+def per_image(run: dict, metric: str) -> dict[str, float] | None:
+    """A run's per-test-image scores of `metric` by file name (None where the metric has none, e.g. AUC)."""
+    scores = run.get("per_image") or {}
+    source = PER_IMAGE_SOURCE.get(metric, metric)
+    if source not in scores or "file_name" not in scores:
+        return None
+    keep = scores["has_lesion"] if metric == "dice_lesion" else [True] * len(scores[source])
+    return {name: math.nan if value is None else float(value)
+            for name, value, kept in zip(scores["file_name"], scores[source], keep) if kept}
+
+
+def score_tables(metric: str, *groups: list[dict]) -> list:
+    """For each group of runs, its (seeds, images) per-image table over the seeds and images all groups share,
+    rows in seed order, so tables of two arms pair by seed and image; one score per seed where a run has no
+    per-image scores of `metric`."""
+    seeds = sorted(set.intersection(*[{run["seed"] for run in group} for group in groups]))
+    chosen = [{run["seed"]: run for run in group} for group in groups]
+    images = [per_image(chosen_runs[s], metric) for chosen_runs in chosen for s in seeds]
+    if not seeds or any(table is None for table in images):
+        return [[_run_metric(runs[s], metric) for s in seeds] for runs in chosen]
+    names = sorted(set.intersection(*[set(table) for table in images]))
+    return [[[per_image(runs[s], metric)[n] for n in names] for s in seeds] for runs in chosen]
+
+
+def _run_metric(run: dict, metric: str) -> float:
+    value = run["metrics"].get(metric)
+    return math.nan if value is None else float(value)
