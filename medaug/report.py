@@ -17,8 +17,12 @@ from PIL import Image
 
 from medaug.data import fit_square
 from medaug.files import write_text_atomic
+from medaug.report_numbers import kid_text, mean_spread, plain
 
 MAX_PAIRS_SHOWN = 24
+CLOSEST_PAIRS_SHOWN = 4  # a clean audit still shows its closest pairs, so a reader sees why it is clean
+MS_SSIM_MEANING = ("MS-SSIM between pairs of images of one set: lower means more diverse. Pure noise scores lowest, "
+                   "so compare the synthetic value with the real-vs-real value, not with 0.")
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; background: #fff; max-width: 1400px; }
@@ -46,15 +50,18 @@ def png_data_uri(image: np.ndarray) -> str:
 
 
 def outlined(image: np.ndarray, mask: np.ndarray | None, size: int = 128,
-             prediction: np.ndarray | None = None) -> np.ndarray:
-    """(size, size, 3) grey thumbnail with the mask's boundary in red and a predicted mask's in cyan."""
+             prediction: np.ndarray | None = None, fit: str = "pad") -> np.ndarray:
+    """(size, size, 3) grey thumbnail with the mask's boundary in red and a predicted mask's in cyan.
+
+    `image` and `mask` are squared by `fit`; `prediction` is already square (a network's output at its resolution,
+    made from the image squared the same way), so it is only resized."""
     from medaug.edges import mask_boundary
 
-    grey = fit_square(image, size, "pad")
+    grey = fit_square(image, size, fit)
     rgb = np.repeat(grey[:, :, :1], 3, axis=2).copy()
-    for outline, colour in ((prediction, (0.1, 0.9, 0.9)), (mask, (1.0, 0.15, 0.15))):
+    for outline, colour, how in ((prediction, (0.1, 0.9, 0.9), "stretch"), (mask, (1.0, 0.15, 0.15), fit)):
         if outline is not None:
-            edge = mask_boundary(fit_square(outline.astype(np.uint8), size, "pad", nearest=True)) > 0
+            edge = mask_boundary(fit_square(outline.astype(np.uint8), size, how, nearest=True)) > 0
             rgb[edge] = colour
     return rgb
 
@@ -90,16 +97,33 @@ def _number(value) -> str:
     return str(value)
 
 
-def metric_rows(metrics: dict) -> list[list[str]]:
-    kid = f"{metrics['kid_mean']:.4g} ± {metrics['kid_std']:.2g}"
+def metric_rows(metrics: dict, floor: dict | None = None) -> list[list[str]]:
+    """One row per metric: synthetic vs real, the real-vs-real floor beside it, what the number means."""
+    floor = floor if floor and "skipped" not in floor else None
+
+    def beside(key: str) -> str:
+        return "–" if floor is None else plain(floor[key], 3)
+
+    kid_floor = "–" if floor is None else kid_text(floor["kid_mean"], floor["kid_std"])
     return [
-        ["Fréchet distance", _number(metrics["frechet_distance"]), "lower is closer"],
-        ["KID (mean ± std)", kid, f"unbiased MMD², {metrics['kid_subsets']} subsets of {metrics['kid_subset_size']}"],
-        ["precision", _number(metrics["precision"]), f"fidelity, k={metrics['nearest_k']}"],
-        ["recall", _number(metrics["recall"]), "diversity relative to the real set"],
-        ["density", _number(metrics["density"]), "about 1 when the sets match"],
-        ["coverage", _number(metrics["coverage"]), "share of real images with a synthetic neighbour"],
+        ["Fréchet distance", plain(metrics["frechet_distance"], 3), beside("frechet_distance"), "lower is closer"],
+        ["KID (mean ± std over subsets)", kid_text(metrics["kid_mean"], metrics["kid_std"]), kid_floor,
+         f"unbiased MMD² (can fall below 0 by chance), {metrics['kid_subsets']} subsets of "
+         f"{metrics['kid_subset_size']}"],
+        ["precision", plain(metrics["precision"], 3), beside("precision"), f"fidelity, k={metrics['nearest_k']}"],
+        ["recall", plain(metrics["recall"], 3), beside("recall"), "diversity relative to the real set"],
+        ["density", plain(metrics["density"], 3), beside("density"), "about 1 when the sets match"],
+        ["coverage", plain(metrics["coverage"], 3), beside("coverage"), "share of real images with a synthetic "
+                                                                      "neighbour"],
     ]
+
+
+def floor_note(floor: dict) -> str:
+    if "skipped" in floor:
+        return f'<p class="note">Real-vs-real floor not computed: {html.escape(floor["skipped"])}.</p>'
+    return (f'<p class="note">Real vs real (floor): {html.escape(floor["description"])}. Synthetic images that '
+            "match the real distribution score about this; the floor compares half-size sets, so its Fréchet "
+            "distance sits somewhat above a full-size comparison.</p>")
 
 
 def _label_table(per_label: dict) -> str:
@@ -112,7 +136,7 @@ def _label_table(per_label: dict) -> str:
                          "skipped: " + metrics["skipped"]])
             continue
         rows.append([label, metrics["real_images"], metrics["synthetic_images"],
-                     _number(metrics["frechet_distance"]), f"{metrics['kid_mean']:.4g} ± {metrics['kid_std']:.2g}",
+                     _number(metrics["frechet_distance"]), kid_text(metrics["kid_mean"], metrics["kid_std"]),
                      _number(metrics["precision"]), _number(metrics["recall"]),
                      f"density {metrics['density']:.3g}, coverage {metrics['coverage']:.3g}"])
     return _table(rows, ["label", "real", "synthetic", "Fréchet distance", "KID", "precision", "recall", "other"])
@@ -121,7 +145,16 @@ def _label_table(per_label: dict) -> str:
 def _pairs(memorisation: dict, real, synthetic, channels: int, size: int) -> str:
     shown = memorisation["near_copies"][:MAX_PAIRS_SHOWN]
     if not shown:
-        return '<p class="note">No synthetic image is closer to a training image than the threshold.</p>'
+        closest = sorted(memorisation["per_image"], key=lambda pair: pair["ratio"])[:CLOSEST_PAIRS_SHOWN]
+        return ('<p class="note">No synthetic image is closer to a training image than the threshold. The '
+                f'{len(closest)} closest pairs, so you can see how far apart even they are:</p>'
+                + _pair_cells(closest, real, synthetic, channels, size))
+    more = len(memorisation["near_copies"]) - len(shown)
+    tail = f'<p class="note">{more} more listed in metrics.json.</p>' if more > 0 else ""
+    return _pair_cells(shown, real, synthetic, channels, size) + tail
+
+
+def _pair_cells(shown: list[dict], real, synthetic, channels: int, size: int) -> str:
     cells = []
     for pair in shown:
         synthetic_name, real_name = Path(pair["synthetic"]).name, Path(pair["nearest_real"]).name
@@ -130,9 +163,7 @@ def _pairs(memorisation: dict, real, synthetic, channels: int, size: int) -> str
             + _figure(synthetic, pair["synthetic_position"], channels, size, f"synthetic: {synthetic_name}")
             + _figure(real, pair["real_position"], channels, size, f"nearest real: {real_name}")
             + f'<div class="caption">ratio {pair["ratio"]:.3f}</div></div>')
-    more = len(memorisation["near_copies"]) - len(shown)
-    tail = f'<p class="note">{more} more listed in metrics.json.</p>' if more > 0 else ""
-    return "".join(cells) + tail
+    return "".join(cells)
 
 
 def fidelity_section(fidelity: dict | None, figure_png: Path | None, worst: list[tuple[str, np.ndarray]]) -> str:
@@ -177,8 +208,9 @@ def render_report(results: dict, real, synthetic, channels: int, pca_png: Path, 
     extractor = (f"extractor <b>{html.escape(features['extractor'])}</b> ({html.escape(features['source'])}); "
                  f"preprocessing: {html.escape(features['preprocessing'])}; {features['dimensions']} dimensions")
     pca = "data:image/png;base64," + base64.b64encode(Path(pca_png).read_bytes()).decode("ascii")
-    diversity_rows = [[name, f"{diversity[name]['ms_ssim_mean']:.4f} ± {diversity[name]['ms_ssim_std']:.3f}",
-                       diversity[name]["pairs"]] for name in ("synthetic", "real")]
+    diversity_rows = [[name, mean_spread(diversity[key]["ms_ssim_mean"], diversity[key]["ms_ssim_std"]),
+                       diversity[key]["pairs"]]
+                      for name, key in (("synthetic vs synthetic", "synthetic"), ("real vs real (floor)", "real"))]
     audit_rows = [["reference set", memorisation["reference"]], ["space", memorisation["description"]],
                   ["typical real-to-real distance", _number(memorisation["real_scale"])],
                   ["threshold (ratio)", _number(memorisation["threshold"])],
@@ -198,15 +230,18 @@ def render_report(results: dict, real, synthetic, channels: int, pca_png: Path, 
 </div>
 <h2>Distribution metrics</h2>
 <p class="note">All numbers in this section: {extractor}. Compare them only with numbers from the same extractor.</p>
-{_table(metric_rows(features['metrics']), ['metric', 'value', 'meaning'])}
+{_table(metric_rows(features['metrics'], features.get('real_floor')),
+         ['metric', 'synthetic vs real', 'real vs real (floor)', 'meaning'])}
+{floor_note(features.get('real_floor') or {"skipped": "not in this metrics.json"})}
 <h3>Per label</h3>
 {_label_table(features['per_label'])}
 <h2>PCA of features</h2>
 <p class="note">{extractor}</p>
 <img src="{pca}" alt="PCA scatter of real and synthetic features" style="max-width:100%">
 <h2>Diversity (MS-SSIM within a set)</h2>
+<p><b>{html.escape(MS_SSIM_MEANING)}</b></p>
 <p class="note">{html.escape(diversity['description'])}</p>
-{_table(diversity_rows, ['set', 'MS-SSIM mean ± std', 'pairs'])}
+{_table(diversity_rows, ['pairs from', 'MS-SSIM mean ± std over pairs', 'pairs'])}
 <h2>Memorisation audit</h2>
 <p class="note">For each synthetic image: distance to its nearest real image over the median distance between
 real images and their nearest other real image. A copy scores 0; below the threshold it is listed here.</p>

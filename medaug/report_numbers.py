@@ -61,6 +61,9 @@ def kid_text(mean, std) -> str:
     text = mean_spread(mean, std)
     if not _finite(mean):
         return text
+    if not _finite(std) or _negligible(mean, abs(std)):
+        text = f"{plain(mean, 2)}, one estimate: every subset held every image"
+        return f"≈ 0 ({text}; below 0 only by estimator noise)" if mean < 0 else text
     if mean < 0:
         return f"≈ 0 ({text}, within estimator noise)"
     if _finite(std) and mean < 2 * std:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -35,6 +37,10 @@ def screenshot(html: Path, png: Path) -> np.ndarray:
                    html.resolve().as_uri()]
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert png.is_file(), f"chromium wrote no screenshot (exit {result.returncode}): {result.stderr[-800:]}"
+    keep = os.environ.get("MEDAUG_SCREENSHOT_DIR")  # to look at them: MEDAUG_SCREENSHOT_DIR=/some/folder pytest ...
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, Path(keep) / f"{html.parent.name}-{png.name}")
     return np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
 
 
@@ -61,9 +67,9 @@ def report(phantom_dir, tiny_model_dir, tmp_path_factory) -> Path:
 def test_report_is_self_contained(report):
     text = report.read_text()
     sources = re.findall(r'src="([^"]*)"', text)
-    # every real train image (14, of up to 16 shown), 4 synthetic, the PCA plot, the label-fidelity histogram and
-    # the worst pairs outlined (all 4 synthetic phantoms hold a lesion)
-    assert len(sources) == 14 + 4 + 1 + 1 + 4
+    # every real train image (14, of up to 16 shown), 4 synthetic, the PCA plot, the label-fidelity histogram,
+    # the worst pairs outlined (all 4 synthetic phantoms hold a lesion), and the clean audit's 4 closest pairs
+    assert len(sources) == 14 + 4 + 1 + 1 + 4 + 2 * 4
     assert all(source.startswith("data:image/png;base64,") for source in sources)
     assert "http://" not in text and "https://" not in text and "<script" not in text
     assert "extractor <b>hf</b>" in text and "normalised with the image processor" in text
@@ -87,3 +93,28 @@ def test_report_renders_its_images_in_headless_chromium(report, tmp_path):
     blue, orange = (121, 173, 210), (255, 178, 110)
     assert coloured_pixels(shown, blue) > 30 and coloured_pixels(shown, orange) > 10
     assert coloured_pixels(control, blue) == 0
+
+
+def test_report_puts_the_real_floor_beside_each_metric_and_explains_ms_ssim(report):
+    text = report.read_text()
+    metrics = json.loads((report.parent / "metrics.json").read_text())
+    floor = metrics["features"]["real_floor"]
+    assert floor["real_images"] == floor["synthetic_images"] == 7  # two halves of the 14 real train images
+    assert floor["frechet_distance"] > 0 and "disjoint random halves" in floor["description"]
+    assert "<th>real vs real (floor)</th>" in text and "real vs real (floor)</td>" in text
+    assert "Pure noise scores lowest, so compare the synthetic value with the real-vs-real value" in text
+    assert "e-1" not in text.split("<h2>Distribution metrics")[1]  # no raw '± 1e-16' style numbers
+    assert "closest pairs, so you can see how far apart" in text and text.count('class="pair"') == 4
+
+
+def test_closest_pairs_of_a_clean_audit_render_in_chromium(report, tmp_path):
+    shown = screenshot(report, tmp_path / "evaluate.png")
+    text = report.read_text()
+    audit = text.index("<h2>Memorisation audit")
+    pairs_only = text[:audit] + re.sub(r'src="data:image/png;base64,[^"]*"', 'src=""', text[audit:])
+    blank = tmp_path / "blank.html"
+    blank.write_text(pairs_only)
+    control = screenshot(blank, tmp_path / "blank.png")
+    # The pairs lie below the grids, tables and PCA plot: compare the page's lower part with and without them.
+    lower = slice(WINDOW[1] // 2, None)
+    assert dark_fraction(shown[lower]) > 2 * dark_fraction(control[lower]) + 0.002, "the closest pairs do not appear"

@@ -125,28 +125,34 @@ def evaluate_command(
 
 
 def print_summary(results: dict, output_dir: Path) -> None:
+    from medaug.report_numbers import kid_text, mean_spread, plain
+
     features = results["features"]
-    metrics = features["metrics"]
+    metrics, floor = features["metrics"], features["real_floor"]
     table = Table(title=f"extractor {features['extractor']} ({features['source']})")
     table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("Fréchet distance", f"{metrics['frechet_distance']:.4g}")
-    table.add_row("KID", f"{metrics['kid_mean']:.4g} ± {metrics['kid_std']:.2g}")
+    table.add_column("synthetic vs real", justify="right")
+    table.add_column("real vs real (floor)", justify="right")
+    beside = (lambda key: "–") if "skipped" in floor else (lambda key: plain(floor[key], 3))
+    table.add_row("Fréchet distance", plain(metrics["frechet_distance"], 3), beside("frechet_distance"))
+    table.add_row("KID", kid_text(metrics["kid_mean"], metrics["kid_std"]),
+                  "–" if "skipped" in floor else kid_text(floor["kid_mean"], floor["kid_std"]))
     for key in ("precision", "recall", "density", "coverage"):
-        table.add_row(key, f"{metrics[key]:.3f}")
+        table.add_row(key, plain(metrics[key], 3), beside(key))
     diversity = results["diversity"]
-    table.add_row("MS-SSIM synthetic / real (pixels)",
-                  f"{diversity['synthetic']['ms_ssim_mean']:.3f} / {diversity['real']['ms_ssim_mean']:.3f}")
+    table.add_row("MS-SSIM within a set (pixels; lower: more diverse)",
+                  mean_spread(diversity["synthetic"]["ms_ssim_mean"], diversity["synthetic"]["ms_ssim_std"]),
+                  mean_spread(diversity["real"]["ms_ssim_mean"], diversity["real"]["ms_ssim_std"]))
     memorisation = results["memorisation"]
     table.add_row(f"near-copies ({memorisation['space']})",
-                  f"{memorisation['flagged_count']} of {results['synthetic']['images']}")
+                  f"{memorisation['flagged_count']} of {results['synthetic']['images']}", "")
     fidelity = results["label_fidelity"]
     if "skipped" in fidelity:
-        table.add_row("label fidelity", f"not scored: {fidelity['skipped']}")
+        table.add_row("label fidelity", f"not scored: {fidelity['skipped']}", "")
     else:
         table.add_row("label fidelity: synthetic / real Dice (ratio)",
-                      f"{fidelity['synthetic_dice']:.3f} / {fidelity['real_dice']:.3f} ({fidelity['ratio']:.2f})")
-        table.add_row("pairs above Dice 0.5", f"{fidelity['share_above_0_5']:.1%} of {fidelity['pairs']}")
+                      f"{fidelity['synthetic_dice']:.3f} / {fidelity['real_dice']:.3f} ({fidelity['ratio']:.2f})", "")
+        table.add_row("pairs above Dice 0.5", f"{fidelity['share_above_0_5']:.1%} of {fidelity['pairs']}", "")
     console.print(table)
     console.print(f"preprocessing: {features['preprocessing']}", highlight=False)
     console.print(f"report: {output_dir / 'report.html'}; numbers: {output_dir / 'metrics.json'}")

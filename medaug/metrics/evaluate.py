@@ -59,6 +59,23 @@ def feature_metrics(real: np.ndarray, synthetic: np.ndarray, nearest_k: int, kid
     return result
 
 
+def real_floor(real: np.ndarray, nearest_k: int, kid_subsets: int, kid_subset_size: int, seed: int) -> dict:
+    """`feature_metrics` between two disjoint halves of the real set (a seeded split): what 'as good as real'
+    scores. Each half holds half the images, and the Fréchet distance grows as sets shrink, so this floor sits a
+    little above what two real sets of the full size would score."""
+    half = len(real) // 2
+    needed = nearest_k + 1
+    if half < needed:
+        return {"skipped": f"needs at least {2 * needed} real images for two halves of {needed} (k={nearest_k}), "
+                           f"found {len(real)}"}
+    order = np.random.default_rng([seed, 2]).permutation(len(real))
+    floor = feature_metrics(real[order[:half]], real[order[half:2 * half]], nearest_k, kid_subsets, kid_subset_size,
+                            seed)
+    floor["description"] = (f"the same metrics between two disjoint random halves of the real set ({half} images "
+                            f"each, split seed {seed}); 'synthetic' here is the second half")
+    return floor
+
+
 def per_label_metrics(real: np.ndarray, synthetic: np.ndarray, real_labels: list[str], synthetic_labels: list[str],
                       nearest_k: int, kid_subsets: int, kid_subset_size: int, seed: int) -> dict:
     """`feature_metrics` for each label both sets hold; a label too small says how many it needs."""
@@ -205,6 +222,7 @@ def evaluate(real: ImageSet, synthetic: ImageSet, extractor: Extractor, output_d
         "channels": channels,
         "features": {**extractor.describe(), "dimensions": int(real_features.shape[1]),
                      "metrics": feature_metrics(real_features, synthetic_features, **kid),
+                     "real_floor": real_floor(real_features, **kid),
                      "per_label": per_label_metrics(real_features, synthetic_features, real.labels,
                                                     synthetic.labels, **kid)},
         "diversity": {
