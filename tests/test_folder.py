@@ -185,3 +185,103 @@ def test_manifest_round_trip_and_torn_last_line(tmp_path):
     (tmp_path / "manifest.jsonl").write_text('{"file_name": "a.png", "seed": 1, "model_dir": "m", "colour": 1}\n')
     with pytest.raises(ValueError, match=r"line 1 has unknown keys \['colour'\]"):
         read_manifest(tmp_path)
+
+
+def write_split_layout(root, counts=(("train", 2), ("validation", 1), ("test", 1)), name="metadata.csv"):
+    """Hugging Face's split layout: each subfolder holds its files and a metadata file naming them from there.
+    Every split reuses the names 0.png, 1.png, ...; a medaug folder in this layout keeps them apart."""
+    for folder, count in counts:
+        rows = []
+        for i in range(count):
+            save_png(root / folder / f"{i}.png", value=10 * i + len(folder))
+            save_mask(root / folder / "masks" / f"{i}.png")
+            rows.append({"file_name": f"{i}.png", "mask_file_name": f"masks/{i}.png", "text": f"{folder} {i}"})
+        table = pd.DataFrame(rows)
+        if name.endswith(".csv"):
+            table.to_csv(root / folder / name, index=False)
+        else:
+            table.to_json(root / folder / name, orient="records", lines=True)
+    return root
+
+
+def rewrite_rows(path, change):
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    change(table)
+    table.to_csv(path, index=False)
+
+
+@pytest.mark.parametrize("name", ["metadata.csv", "metadata.jsonl"])
+def test_split_layout_rows_carry_their_folder_split_and_resolve_inside_it(tmp_path, name):
+    folder = DatasetFolder(write_split_layout(tmp_path, name=name))
+    assert len(folder) == 4 and folder.check().problems == []
+    assert [folder.split(i) for i in range(4)] == ["train", "train", "val", "test"]
+    assert folder.indices("val") == [2] and folder.value(2, "text") == "validation 0"
+    assert folder.path(2, "file_name") == (tmp_path / "validation" / "0.png").resolve()
+    assert folder.path(3, "mask_file_name") == (tmp_path / "test" / "masks" / "0.png").resolve()
+    assert folder.value(3, "file_name") == "test/0.png"  # not the same row as train/0.png
+    assert MedicalImageDataset(tmp_path, split="val", resolution=16, channels=1, value_range=(0.0, 255.0))[0][
+        "pixel_values"][0, 8, 8].item() == pytest.approx(len("validation"), abs=0.5)
+
+
+def test_split_layout_accepts_val_and_refuses_both_val_folders(tmp_path):
+    write_split_layout(tmp_path, counts=(("train", 1), ("val", 1)))
+    assert [DatasetFolder(tmp_path).split(i) for i in range(2)] == ["train", "val"]
+    write_split_layout(tmp_path, counts=(("validation", 1),))
+    with pytest.raises(DatasetError, match="both validation/ and val/ hold metadata"):
+        DatasetFolder(tmp_path)
+
+
+def test_split_layout_problems_name_the_subfolder_metadata_file(tmp_path):
+    write_split_layout(tmp_path, counts=(("train", 2), ("validation", 2)))
+    (tmp_path / "validation" / "1.png").unlink()
+    rewrite_rows(tmp_path / "train" / "metadata.csv", lambda table: table.__setitem__("file_name", ["0.png", "0.png"]))
+    problems = [str(problem) for problem in DatasetFolder(tmp_path).scan().problems]
+    assert problems == [
+        "column 'file_name', train/0.png: listed 2 times: train/metadata.csv row 1 (train), "
+        "train/metadata.csv row 2 (train)",
+        "validation/metadata.csv row 2, column 'file_name', validation/1.png: file not found",
+    ]
+
+
+@pytest.mark.parametrize("bad_path, reason", [("../train/0.png", "leaves its split folder test/"),
+                                              ("../../outside.png", "leaves its split folder test/"),
+                                              ("/etc/hostname", "absolute path")])
+def test_split_layout_paths_may_not_leave_their_subfolder(tmp_path, bad_path, reason):
+    root = write_split_layout(tmp_path / "dataset")
+    save_png(tmp_path / "outside.png")
+    rewrite_rows(root / "test" / "metadata.csv", lambda table: table.__setitem__("mask_file_name", [bad_path]))
+    (problem,) = [str(problem) for problem in DatasetFolder(root).scan().problems]
+    assert problem.startswith("test/metadata.csv row 1, column 'mask_file_name', ") and reason in problem
+    with pytest.raises(DatasetError, match="mask_file_name"):
+        DatasetFolder(root).path(3, "mask_file_name")
+
+
+def test_split_layout_refuses_a_top_level_table_beside_it(tmp_path, write_dataset):
+    write_split_layout(tmp_path)
+    write_dataset([{"file_name": "train/0.png"}])
+    with pytest.raises(DatasetError, match=r"both a top-level metadata.csv and split subfolders .*train/, "
+                                           r"validation/, test/.*keep one layout"):
+        DatasetFolder(tmp_path)
+
+
+def test_split_layout_refuses_a_split_column_that_contradicts_the_folder(tmp_path):
+    write_split_layout(tmp_path)
+    rewrite_rows(tmp_path / "validation" / "metadata.csv", lambda table: table.__setitem__("split", ["validation"]))
+    assert DatasetFolder(tmp_path).split(2) == "val"  # HF's name for the same split agrees
+    rewrite_rows(tmp_path / "test" / "metadata.csv", lambda table: table.__setitem__("split", ["train"]))
+    with pytest.raises(DatasetError, match=r"(?s)test/metadata.csv: 1 problem.*test/metadata.csv row 1, column "
+                                           r"'split', 0.png: split 'train' contradicts its folder test/"):
+        DatasetFolder(tmp_path)
+
+
+def test_split_layout_refuses_a_split_folder_without_metadata_or_file_name(tmp_path):
+    write_split_layout(tmp_path, counts=(("train", 1), ("test", 1)))
+    def rename_file_name(table):
+        table.columns = ["image" if column == "file_name" else column for column in table.columns]
+
+    rewrite_rows(tmp_path / "test" / "metadata.csv", rename_file_name)
+    with pytest.raises(DatasetError, match=r"(?s)test/metadata.csv: 1 problem.*column 'file_name': required column"):
+        DatasetFolder(tmp_path)
+    (tmp_path / "test" / "metadata.csv").unlink()
+    with pytest.raises(DatasetError, match="split folder test/ has no metadata.csv or metadata.jsonl, unlike train/"):
+        DatasetFolder(tmp_path)

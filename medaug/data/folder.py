@@ -1,5 +1,11 @@
 """A dataset folder: `metadata.csv` or `metadata.jsonl` beside the files it names.
 
+Two layouts are read. Flat: one metadata file at the top, rows carrying a `split` column. Hugging Face
+`imagefolder`'s split layout: subfolders `train/`, `validation/` (or `val/`) and `test/`, each with its own
+metadata file naming files relative to that subfolder. The split layout is read into the same table as the flat
+one: every row gets the split of its subfolder, and columns that HF reads as files (`file_name`, `*_file_name`)
+are prefixed with the subfolder, so `train/a.png` names the file relative to the dataset folder as in a flat one.
+
 Every check reports the row, column and file at fault. `DatasetFolder` raises `DatasetError` at once for
 problems with the table itself (missing file, missing column, empty table) and collects per-row problems
 in `scan`, so that `medaug inspect` can list all of them in one pass.
@@ -21,6 +27,8 @@ REQUIRED_COLUMNS = ("file_name",)
 IMAGE_COLUMNS = ("file_name", "mask_file_name", "conditioning_image_file_name")
 PATH_COLUMNS = IMAGE_COLUMNS + ("embedding_file_name",)
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
+# Hugging Face `imagefolder`'s split folders, and the medaug split of their rows.
+SPLIT_FOLDERS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
 
 
 @dataclass(frozen=True)
@@ -31,11 +39,12 @@ class Problem:
     row: int | None = None  # 1-based data row of the metadata table
     column: str | None = None
     file: str | None = None
+    source: str | None = None  # the metadata file holding the row, relative to the dataset (split layout only)
 
     def __str__(self) -> str:
-        where = []
+        where = [self.source] if self.source is not None else []
         if self.row is not None:
-            where.append(f"row {self.row}")
+            where = [" ".join(where + [f"row {self.row}"])]
         if self.column is not None:
             where.append(f"column '{self.column}'")
         if self.file is not None:
@@ -70,12 +79,36 @@ class ScanResult:
     stats: dict[int, RowStats] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RowOrigin:
+    """Where a row of the split layout came from: its subfolder and its row in that subfolder's metadata file."""
+
+    folder: str
+    source: str  # the metadata file, relative to the dataset folder
+    row: int  # 1-based
+
+
+def metadata_files(folder: Path) -> list[Path]:
+    return [folder / name for name in METADATA_NAMES if (folder / name).is_file()]
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """The split subfolders (`train/`, `validation/` or `val/`, `test/`) of `root` that hold a metadata file."""
+    return {name: root / name for name in SPLIT_FOLDERS if metadata_files(root / name)}
+
+
+def is_file_column(column: str) -> bool:
+    """Columns Hugging Face `imagefolder` reads as files: `file_name` and `*_file_name`."""
+    return column == "file_name" or column.endswith("_file_name")
+
+
 def read_metadata(root: str | Path) -> tuple[pd.DataFrame, Path]:
-    """Read the metadata table of a dataset folder with every cell as a string ('' where empty)."""
+    """Read the metadata table of a folder (the dataset folder, or one split subfolder) with every cell as a string
+    ('' where empty)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(root, [Problem("dataset folder not found")])
-    present = [root / name for name in METADATA_NAMES if (root / name).is_file()]
+    present = metadata_files(root)
     if not present:
         raise DatasetError(root, [Problem(f"no {' or '.join(METADATA_NAMES)} in the folder")])
     if len(present) > 1:
@@ -93,27 +126,107 @@ def read_metadata(root: str | Path) -> tuple[pd.DataFrame, Path]:
     return table.reset_index(drop=True), path
 
 
+def check_table(table: pd.DataFrame, path: Path) -> None:
+    """Raise DatasetError naming `path` if the table lacks a required column or has no rows."""
+    missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
+    if missing:
+        raise DatasetError(path, [Problem(f"required column is missing (columns: {', '.join(table.columns)})",
+                                          column=column) for column in missing])
+    if len(table) == 0:
+        raise DatasetError(path, [Problem("the table has no rows: the dataset is empty")])
+
+
+def read_split_layout(root: Path, folders: dict[str, Path]) -> tuple[pd.DataFrame, list[RowOrigin]]:
+    """One table from the metadata files of the split subfolders, with each row's origin."""
+    problems = []
+    if metadata_files(root):
+        problems.append(Problem(f"both a top-level {metadata_files(root)[0].name} and split subfolders with their own "
+                                f"metadata ({', '.join(f'{name}/' for name in folders)}); keep one layout"))
+    if "validation" in folders and "val" in folders:
+        problems.append(Problem("both validation/ and val/ hold metadata; keep one"))
+    bare = [name for name in SPLIT_FOLDERS if (root / name).is_dir() and name not in folders]
+    problems += [Problem(f"split folder {name}/ has no {' or '.join(METADATA_NAMES)}, unlike "
+                         f"{', '.join(f'{other}/' for other in folders)}") for name in bare]
+    if problems:
+        raise DatasetError(root, problems)
+    tables, origins = [], []
+    for name, folder in folders.items():
+        table, path = read_metadata(folder)
+        check_table(table, path)
+        source = f"{name}/{path.name}"
+        contradictions = _split_contradictions(table, name, source)
+        if contradictions:
+            raise DatasetError(path, contradictions)
+        tables.append(_in_split_folder(table, name))
+        origins += [RowOrigin(name, source, row) for row in range(1, len(table) + 1)]
+    return pd.concat(tables, ignore_index=True).fillna("").astype(str), origins
+
+
+def _split_contradictions(table: pd.DataFrame, folder: str, source: str) -> list[Problem]:
+    """Rows whose `split` cell names another split than their subfolder's."""
+    if "split" not in table.columns:
+        return []
+    expected = SPLIT_FOLDERS[folder]
+    problems = []
+    for index, raw in enumerate(table["split"]):
+        value = str(raw).strip().lower()
+        if value and SPLIT_FOLDERS.get(value, value) != expected:
+            problems.append(Problem(f"split '{raw}' contradicts its folder {folder}/ (split '{expected}')",
+                                    row=index + 1, column="split", file=str(table.at[index, "file_name"]) or None,
+                                    source=source))
+    return problems
+
+
+def _in_split_folder(table: pd.DataFrame, folder: str) -> pd.DataFrame:
+    """The table with its subfolder's split, and file paths relative to the dataset folder. Absolute paths are kept
+    as they are, so the path check refuses them by their own name."""
+    table = table.copy()
+    table["split"] = SPLIT_FOLDERS[folder]
+    for column in filter(is_file_column, table.columns):
+        table[column] = [f"{folder}/{value}" if value.strip() and not _is_absolute(value.strip()) else value
+                         for value in table[column]]
+    return table
+
+
+def _is_absolute(relative: str) -> bool:
+    return Path(relative).is_absolute() or relative.startswith(("/", "\\"))
+
+
 class DatasetFolder:
     """The rows of a dataset folder, with paths resolved safely inside it."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
-        self.table, self.metadata_path = read_metadata(self.root)
-        missing = [column for column in REQUIRED_COLUMNS if column not in self.table.columns]
-        if missing:
-            raise DatasetError(
-                self.metadata_path,
-                [Problem(f"required column is missing (columns: {', '.join(self.table.columns)})", column=c)
-                 for c in missing],
-            )
-        if len(self.table) == 0:
-            raise DatasetError(self.metadata_path, [Problem("the table has no rows: the dataset is empty")])
+        folders = split_folders(self.root) if self.root.is_dir() else {}
+        # In the split layout `metadata_path` is the dataset folder itself: each row's problems name its own file.
+        self.origins: list[RowOrigin] | None = None
+        if folders:
+            self.table, self.origins = read_split_layout(self.root, folders)
+            self.metadata_path = self.root
+        else:
+            self.table, self.metadata_path = read_metadata(self.root)
+            check_table(self.table, self.metadata_path)
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __repr__(self) -> str:
         return f"DatasetFolder({str(self.root)!r}, rows={len(self)})"
+
+    def where(self, index: int) -> dict:
+        """Where a row is, as Problem fields: its row number, and in the split layout its metadata file."""
+        if self.origins is None:
+            return {"row": index + 1}
+        origin = self.origins[index]
+        return {"row": origin.row, "source": origin.source}
+
+    def describe_row(self, index: int) -> str:
+        where = self.where(index)
+        return " ".join(filter(None, [where.get("source"), f"row {where['row']}"]))
+
+    def row_folder(self, index: int) -> Path:
+        """The folder a row's paths must stay in: the dataset folder, or in the split layout its subfolder."""
+        return self.root if self.origins is None else self.root / self.origins[index].folder
 
     def has_column(self, column: str) -> bool:
         return column in self.table.columns
@@ -129,7 +242,7 @@ class DatasetFolder:
         `empty_row` say why the caller needs it."""
         if not self.has_column(column):
             raise DatasetError(self.metadata_path, [Problem(missing_column, column=column)])
-        problems = [Problem(empty_row, row=i + 1, column=column, file=self.value(i, "file_name"))
+        problems = [Problem(empty_row, column=column, file=self.value(i, "file_name"), **self.where(i))
                     for i in rows if not self.value(i, column)]
         if problems:
             raise DatasetError(self.metadata_path, problems)
@@ -156,7 +269,7 @@ class DatasetFolder:
         except ValueError:
             raise DatasetError(
                 self.metadata_path,
-                [Problem(f"'{raw}' is not an integer slice index", row=index + 1, column="slice_index")],
+                [Problem(f"'{raw}' is not an integer slice index", column="slice_index", **self.where(index))],
             ) from None
 
     def path(self, index: int, column: str) -> Path | None:
@@ -170,11 +283,13 @@ class DatasetFolder:
         return (self.root / relative).resolve()
 
     def _path_problem(self, index: int, column: str, relative: str) -> Problem | None:
-        location = {"row": index + 1, "column": column, "file": relative}
-        if Path(relative).is_absolute() or relative.startswith(("/", "\\")):
+        location = {"column": column, "file": relative, **self.where(index)}
+        if _is_absolute(relative):
             return Problem("absolute path; paths must be relative to the dataset folder", **location)
-        if not (self.root / relative).resolve().is_relative_to(self.root):
-            return Problem("path leaves the dataset folder", **location)
+        folder = self.row_folder(index)
+        if not (self.root / relative).resolve().is_relative_to(folder.resolve()):
+            leaves = "the dataset folder" if folder == self.root else f"its split folder {folder.name}/"
+            return Problem(f"path leaves {leaves}", **location)
         return None
 
     def scan(
@@ -217,7 +332,7 @@ class DatasetFolder:
                     shown = value or "(empty)"
                     problems.append(
                         Problem(f"unknown split '{shown}'; expected one of {', '.join(SPLITS)}",
-                                row=index + 1, column="split", file=self.value(index, "file_name") or None)
+                                column="split", file=self.value(index, "file_name") or None, **self.where(index))
                     )
         rows_by_key: dict[tuple[str, str], list[int]] = {}
         for index in range(len(self)):
@@ -225,7 +340,7 @@ class DatasetFolder:
             rows_by_key.setdefault(key, []).append(index)
         for (name, slice_value), indices in rows_by_key.items():
             if name and len(indices) > 1:
-                listed = ", ".join(f"row {i + 1} ({self.split(i) or 'no split'})" for i in indices)
+                listed = ", ".join(f"{self.describe_row(i)} ({self.split(i) or 'no split'})" for i in indices)
                 where = f" with slice_index {slice_value}" if slice_value else ""
                 problems.append(Problem(f"listed {len(indices)} times{where}: {listed}", column="file_name", file=name))
         return problems
@@ -233,7 +348,7 @@ class DatasetFolder:
     def _scan_row(self, index: int, read_images: bool) -> tuple[list[Problem], RowStats | None]:
         problems: list[Problem] = []
         if not self.value(index, "file_name"):
-            problems.append(Problem("empty file name", row=index + 1, column="file_name"))
+            problems.append(Problem("empty file name", column="file_name", **self.where(index)))
         paths = {}
         for column in PATH_COLUMNS:
             relative = self.value(index, column)
@@ -241,7 +356,7 @@ class DatasetFolder:
                 continue
             problem = self._path_problem(index, column, relative)
             if problem is None and not (self.root / relative).is_file():
-                problem = Problem("file not found", row=index + 1, column=column, file=relative)
+                problem = Problem("file not found", column=column, file=relative, **self.where(index))
             if problem is None and column in IMAGE_COLUMNS:
                 problem = self._format_problem(index, column, relative)
             if problem is not None:
@@ -260,7 +375,7 @@ class DatasetFolder:
         try:
             image_format(self.root / relative)
         except ImageReadError as error:
-            return Problem(str(error).split(": ", 1)[-1], row=index + 1, column=column, file=relative)
+            return Problem(str(error).split(": ", 1)[-1], column=column, file=relative, **self.where(index))
         return None
 
     def _read_row(
@@ -274,7 +389,7 @@ class DatasetFolder:
                 arrays[column] = read_array(path, slice_index)
             except ImageReadError as error:
                 message = str(error).split(": ", 1)[-1]
-                problems.append(Problem(message, row=index + 1, column=column, file=self.value(index, column)))
+                problems.append(Problem(message, column=column, file=self.value(index, column), **self.where(index)))
         image = arrays.get("file_name")
         if image is None:
             return problems, None
@@ -284,7 +399,7 @@ class DatasetFolder:
                 problems.append(Problem(
                     f"size {other.shape[1]}x{other.shape[0]} differs from its image's "
                     f"{image.shape[1]}x{image.shape[0]} (width x height)",
-                    row=index + 1, column=column, file=self.value(index, column),
+                    column=column, file=self.value(index, column), **self.where(index),
                 ))
         mask = arrays.get("mask_file_name")
         coverage = None
