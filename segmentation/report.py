@@ -1,9 +1,12 @@
-"""A study's results: `results.json` (everything), `results.md` (a table to paste) and plots (metric vs ratio).
+"""A study's results: `results.json` (everything), `results.md` (a table to paste), plots (metric vs ratio) and
+`report.html` (all of it on one self-contained page, with each arm's predictions on a few test images).
 
-Each arm × real fraction × ratio is a group of runs, one per seed. A group's score is the mean over its
-seeds with a 95% Student-t interval. Each group is compared with real-only at the same real fraction (the
-synthetic-only arm with real-only at the largest fraction) by a Wilcoxon signed-rank test on per-image
-scores of the same test images, each averaged over the seeds both groups have.
+Each arm × real fraction × ratio is a group of runs, one per seed. A group's score is the mean over its seeds with
+a 95% percentile bootstrap interval over seeds and test images (over seeds alone for AUC and macro-F1, which have
+no per-image score), clipped to the metric's range. Each group is compared with real-only at the same real
+fraction (the synthetic-only arm with real-only at the largest fraction) by a Wilcoxon signed-rank test on
+per-image scores of the same test images, each averaged over the seeds both groups have, and by a bootstrap
+interval of the paired difference (same seed, same image); the verdict needs both to agree.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import numpy as np
 
 from medaug.files import write_json_atomic
 from medaug.segmentation.metrics import CLASSIFICATION_METRICS, HIGHER_IS_BETTER, SEGMENTATION_METRICS
-from medaug.segmentation.stats import mean_ci, paired_test
+from medaug.report_numbers import p_text, with_interval
+from medaug.segmentation.stats import (BOUNDS, bootstrap_interval, difference_bounds, mean_ci, paired_test,
+                                       score_tables, verdict)
 
 METRICS = {"seg": SEGMENTATION_METRICS + ("dice_lesion",), "cls": CLASSIFICATION_METRICS}
 PAIRED = {"seg": ("dice", "iou", "hd95"), "cls": ("prob_true", "correct")}
@@ -44,13 +49,22 @@ def write_report(output_dir: str | Path, settings: dict, data, results: list[dic
         "notes": list(dict.fromkeys(notes)),
     }
     summary["plots"] = [path.name for path in plot_results(output_dir, summary)]
+    summary["report"] = "report.html"
     write_json_atomic(output_dir / "results.json", summary)
     (output_dir / "results.md").write_text(markdown_report(summary))
+    write_html_report(output_dir, summary, data)
     return summary
 
 
+def write_html_report(output_dir: Path, summary: dict, data) -> Path:
+    from medaug.files import write_text_atomic
+    from medaug.segmentation.report_html import render_html
+
+    return write_text_atomic(output_dir / "report.html", render_html(output_dir, summary, data))
+
+
 def summarise_groups(results: list[dict], task: str) -> list[dict]:
-    """Mean and 95% CI over seeds of each group, and its paired test against real-only."""
+    """Mean and 95% bootstrap interval of each group, and its paired comparison with real-only."""
     grouped: dict[tuple, list[dict]] = {}
     for result in results:
         grouped.setdefault((result["arm"], result["real_fraction"], result["ratio"]), []).append(result)
@@ -64,8 +78,10 @@ def summarise_groups(results: list[dict], task: str) -> list[dict]:
         }
         for metric in METRICS[task]:
             values = [_number(r["metrics"].get(metric)) for r in runs]
-            mean, ci = mean_ci(values)
-            group["metrics"][metric] = {"mean": mean, "ci95": ci, "values": values}
+            interval = bootstrap_interval(score_tables(metric, runs)[0], BOUNDS.get(metric))
+            # ci95: the Student-t half-width over seeds, kept for older readers of results.json; reports use the
+            # bootstrap interval, which stays inside the metric's range
+            group["metrics"][metric] = {**interval, "ci95": mean_ci(values)[1], "values": values}
         baseline_fraction = max(fractions) if arm == "synthetic" and fractions else fraction
         baseline = grouped.get(("real", baseline_fraction, 0.0))
         if arm != "real" and baseline:
@@ -83,7 +99,12 @@ def _paired(runs: list[dict], baseline: list[dict], metric: str) -> dict:
     base_scores = _per_image_mean([r for r in baseline if r["seed"] in seeds], metric)
     names = sorted(set(arm_scores) & set(base_scores))
     result = paired_test([arm_scores[n] for n in names], [base_scores[n] for n in names])
-    return {**result, "seeds": seeds}
+    arm_table, base_table = score_tables(metric, runs, baseline)
+    difference = (np.asarray(arm_table, float) - np.asarray(base_table, float)).tolist()
+    interval = bootstrap_interval(difference, difference_bounds(BOUNDS.get(metric)))
+    del interval["mean"]  # the point estimate is the test's mean_difference
+    return {**result, **interval, "seeds": seeds,
+            "verdict": verdict(interval, result["p_value"], HIGHER_IS_BETTER.get(metric, True))}
 
 
 def _per_image_mean(runs: list[dict], metric: str) -> dict[str, float]:
@@ -113,22 +134,13 @@ def markdown_report(summary: dict) -> str:
         f"epochs, batch {settings['batch_size']}, learning rate {settings['learning_rate']:g}; the epoch with the "
         "best validation score is tested.",
         "",
-        "Scores on the real test split: mean ± 95% CI (Student t) over seeds. Δ and p: Wilcoxon signed-rank "
-        f"test of per-image {LABELS[primary]} against real-only at the same real fraction (synthetic-only: at "
-        "the largest), each image's score averaged over the seeds both arms have. Every arm trains for the same "
-        "number of epochs, so arms with more images also take more optimiser steps.",
+        INTERVAL_TEXT + " " + paired_text(primary),
+        "Every arm trains for the same number of epochs, so arms with more images also take more optimiser steps.",
         "",
-        "| Arm | Real fraction | Synthetic ratio | Train images (real + synthetic) | Seeds | "
-        + " | ".join(LABELS[m] for m in metrics) + f" | Δ {LABELS[primary]} | p |",
-        "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in metrics) + " | ---: | ---: |",
+        "| " + " | ".join(table_header(summary)) + " |",
+        "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in metrics) + " | ---: | ---: | --- |",
     ]
-    for group in summary["groups"]:
-        paired = group["paired_vs_real"].get(primary)
-        cells = [group["arm"], f"{group['real_fraction']:g}" if group["arm"] != "synthetic" else "0",
-                 f"{group['ratio']:g}" if group["ratio"] else "–",
-                 f"{group['n_train_real']} + {group['n_train_synthetic']}", str(len(group["seeds"]))]
-        cells += [_mean_ci_text(group["metrics"][m]) for m in metrics]
-        cells += [_signed(paired["mean_difference"]), _p_text(paired["p_value"])] if paired else ["–", "–"]
+    for cells in table_rows(summary):
         lines.append("| " + " | ".join(cells) + " |")
     if summary["notes"]:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in summary["notes"]]
@@ -137,24 +149,47 @@ def markdown_report(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mean_ci_text(score: dict) -> str:
-    mean, ci = _number(score["mean"]), _number(score["ci95"])
-    if math.isnan(mean):
-        return "–"
-    digits = 1 if abs(mean) >= 10 else 3
-    return f"{mean:.{digits}f}" if math.isnan(ci) else f"{mean:.{digits}f} ± {ci:.{digits}f}"
+INTERVAL_TEXT = ("Scores on the real test split: mean over seeds [95% percentile bootstrap interval over seeds and "
+                 "test images, clipped to the metric's range; over seeds alone for AUC and macro-F1].")
 
 
-def _signed(value) -> str:
-    value = _number(value)
-    return "–" if math.isnan(value) else f"{value:+.3f}"
+def paired_text(primary: str) -> str:
+    return (f"Δ: mean paired difference in per-image {LABELS[primary]} against real-only at the same real fraction "
+            "(synthetic-only: at the largest) [bootstrap interval over seeds and images, pairs of the same seed and "
+            "image]; p: Wilcoxon signed-rank test of per-image scores, each averaged over the seeds both arms have. "
+            "Verdict 'better' or 'worse' only where the interval excludes 0 and p < 0.05; otherwise 'no clear "
+            "difference'.")
 
 
-def _p_text(value) -> str:
-    value = _number(value)
-    if math.isnan(value):
-        return "–"
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
+def table_header(summary: dict) -> list[str]:
+    primary = PRIMARY_PAIRED[summary["task"]]
+    return (["Arm", "Real fraction", "Synthetic ratio", "Train images (real + synthetic)", "Seeds"]
+            + [LABELS[m] for m in summary["metrics"]] + [f"Δ {LABELS[primary]} vs real", "p", "verdict"])
+
+
+def table_rows(summary: dict) -> list[list[str]]:
+    """One row of text cells per group, in the order of `table_header`."""
+    primary = PRIMARY_PAIRED[summary["task"]]
+    rows = []
+    for group in summary["groups"]:
+        paired = group["paired_vs_real"].get(primary)
+        cells = [group["arm"], f"{group['real_fraction']:g}" if group["arm"] != "synthetic" else "0",
+                 f"{group['ratio']:g}" if group["ratio"] else "–",
+                 f"{group['n_train_real']} + {group['n_train_synthetic']}", str(len(group["seeds"]))]
+        cells += [interval_text(group["metrics"][m]) for m in summary["metrics"]]
+        cells += [difference_text(paired), p_text(paired["p_value"]), paired["verdict"]] if paired else \
+            ["–", "–", "–"]
+        rows.append(cells)
+    return rows
+
+
+def interval_text(score: dict) -> str:
+    return with_interval(_number(score["mean"]), _number(score.get("ci_low")), _number(score.get("ci_high")))
+
+
+def difference_text(paired: dict) -> str:
+    return with_interval(_number(paired["mean_difference"]), _number(paired.get("ci_low")),
+                         _number(paired.get("ci_high")), signed=True)
 
 
 def plot_results(output_dir: Path, summary: dict) -> list[Path]:
@@ -193,8 +228,7 @@ def _plot_panel(axis, groups: list[dict], fraction: float, metric: str) -> None:
             continue
         xs = [g["ratio"] for g in points]
         ys = [_number(g["metrics"][metric]["mean"]) for g in points]
-        errors = [0.0 if math.isnan(_number(g["metrics"][metric]["ci95"])) else g["metrics"][metric]["ci95"]
-                  for g in points]
+        errors = np.array([_error_bar(g["metrics"][metric]) for g in points]).T
         axis.errorbar(xs, ys, yerr=errors, fmt=style, capsize=3, label=arm if len(points) > 1 else base_arm)
     for group in groups:
         if group["arm"] == "synthetic":
@@ -203,3 +237,11 @@ def _plot_panel(axis, groups: list[dict], fraction: float, metric: str) -> None:
     axis.set_title(f"real fraction {fraction:g}", fontsize=9)
     axis.set_xlabel("synthetic images per real image")
     axis.grid(alpha=0.3)
+
+
+def _error_bar(score: dict) -> tuple[float, float]:
+    """(below, above) the mean, from the bootstrap interval; none where there is no interval."""
+    mean, low, high = _number(score["mean"]), _number(score.get("ci_low")), _number(score.get("ci_high"))
+    if math.isnan(low) or math.isnan(high):
+        return 0.0, 0.0
+    return max(0.0, mean - low), max(0.0, high - mean)

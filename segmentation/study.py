@@ -33,6 +33,8 @@ RATIO_ARMS = ("real+synthetic", "classical+synthetic")
 SYNTHETIC_ARMS = ("real+synthetic", "synthetic", "classical+synthetic")
 DEFAULT_LEARNING_RATE = {"seg": 1e-3, "cls": 3e-4}
 STUDY_FILE = "study.json"
+OVERLAY_IMAGES = 4  # test images each segmentation run's predictions are saved for, for the report
+OVERLAY_FILE = "overlay_predictions.npz"
 # Settings that change what a finished run means; a resumed study must keep them.
 FIXED_SETTINGS = ("task", "data", "synthetic", "images", "network", "resolution", "channels", "fit", "epochs",
                   "batch_size", "learning_rate", "label_column")
@@ -241,10 +243,61 @@ def load_run_result(output_dir: Path, run: Run) -> dict | None:
         return None  # cannot happen with atomic writes, but a damaged file means: run again
 
 
+def overlay_items(test: list[dict], count: int = OVERLAY_IMAGES) -> list[dict]:
+    """The first test images with a lesion: every arm's predictions are shown on these same images."""
+    from medaug.data import load_mask
+
+    chosen = []
+    for item in test:
+        if len(chosen) == count:
+            break
+        if item.get("mask") and load_mask(item["mask"]).any():
+            chosen.append(item)
+    return chosen
+
+
+def save_overlay_predictions(model, items: list[dict], path: Path, resolution: int, channels: int, fit: str,
+                             device) -> None:
+    """The model's masks (at `resolution`, squared by `fit`) for `items`, with their file names."""
+    import torch
+
+    from medaug.segmentation.common import evaluation_batches
+
+    if not items:
+        return
+    model.eval()
+    with torch.no_grad():
+        batches = evaluation_batches(items, resolution, channels, fit, True, len(items))
+        masks = np.concatenate([model(b["image"].to(device)).argmax(dim=1).cpu().numpy().astype(bool)
+                                for b in batches])
+    np.savez_compressed(path, masks=masks, file_names=np.array([item["file_name"] for item in items], dtype=str))
+
+
+def _segmentation_outcome(common: dict, run_dir: Path, test_items: list[dict]) -> dict:
+    """train_segmentation's result, keeping the model long enough to save its predictions for the report."""
+    import time
+
+    import torch
+
+    from medaug.segmentation.common import evaluation_batches
+    from medaug.segmentation.train_seg import fit_segmenter, predict_and_score, summarise_segmentation
+
+    started = time.perf_counter()
+    options = {key: value for key, value in common.items() if key not in ("test_items", "train_items", "val_items")}
+    model, fitted = fit_segmenter(common["train_items"], common["val_items"], **options)
+    batches = evaluation_batches(test_items, common["resolution"], common["channels"], common["fit"], True,
+                                 common["batch_size"])
+    per_image = predict_and_score(model, batches, torch.device(common["device"]))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_overlay_predictions(model, overlay_items(test_items), run_dir / OVERLAY_FILE, common["resolution"],
+                             common["channels"], common["fit"], torch.device(common["device"]))
+    return {"per_image": per_image, "metrics": summarise_segmentation(per_image), **fitted,
+            "seconds": time.perf_counter() - started}
+
+
 def _train_run(data: StudyData, run: Run, settings: dict, output_dir: Path, device, gradcam_images: int,
                on_epoch) -> dict:
     from medaug.segmentation.train_cls import train_classification
-    from medaug.segmentation.train_seg import train_segmentation
 
     real, synthetic = training_items(data, run)
     common = dict(
@@ -255,7 +308,7 @@ def _train_run(data: StudyData, run: Run, settings: dict, output_dir: Path, devi
     )
     run_dir = output_dir / "runs" / run.run_id
     if settings["task"] == "seg":
-        outcome = train_segmentation(**common)
+        outcome = _segmentation_outcome(common, run_dir, data.test)
     else:
         outcome = train_classification(classes=data.classes, gradcam_dir=run_dir / "gradcam",
                                        gradcam_images=gradcam_images, **common)

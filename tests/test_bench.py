@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -17,6 +18,7 @@ from medaug.data import ManifestEntry, append_manifest, make_phantom_dataset
 from medaug.data.manifest import file_sha256
 from medaug.segmentation.inputs import load_study_data
 from medaug.segmentation.study import Run, StudyError, plan_runs, real_subset, run_study, synthetic_sample
+from tests.test_report import coloured_pixels, screenshot
 
 runner = CliRunner()
 
@@ -86,6 +88,13 @@ def test_a_tiny_study_writes_every_output_then_resumes_only_unfinished_runs(phan
     assert "| real+synthetic | 1 | 0.5 | 14 + 7 | 1 |" in table and "Δ Dice" in table
     assert Image.open(output / "dice_vs_ratio.png").size[0] > 100
     assert any("epoch 2/2" in text for text in events)
+    for score in (real["metrics"]["dice"], real["metrics"]["hd95"], mixed["paired_vs_real"]["dice"]):
+        assert score["ci_low"] <= score["ci_high"] and "seeds and test images" in score["ci_method"]
+    assert 0.0 <= real["metrics"]["dice"]["ci_low"] <= real["metrics"]["dice"]["mean"] <= \
+        real["metrics"]["dice"]["ci_high"] <= 1.0
+    assert mixed["paired_vs_real"]["dice"]["verdict"] in ("better", "worse", "no clear difference")
+    assert " ± " not in table and "percentile bootstrap" in table
+    check_report_html(output, tmp_path)
 
     # as if killed during the second run: its result was never written
     (output / "runs/real-synthetic_f1_r0.5_s0/result.json").unlink()
@@ -161,3 +170,22 @@ def test_leaking_synthetic_folder_is_refused_by_the_command(phantom_dir, synthet
     assert result.exit_code == 2
     assert f"generated from test-split source '{test_file}'" in " ".join(result.output.split())
 
+
+
+def check_report_html(output, tmp_path):
+    """report.html is self-contained and shows each arm's predicted masks (cyan) over the truth (red) in Chromium."""
+    text = (output / "report.html").read_text()
+    sources = re.findall(r'src="([^"]*)"', text)
+    predictions = np.load(output / "runs/real_f1_r0_s0/overlay_predictions.npz")
+    shown = len(predictions["file_names"])
+    assert shown == 4 and predictions["masks"].shape == (4, 32, 32)
+    plots = json.loads((output / "results.json").read_text())["plots"]
+    assert len(plots) == 4 and len(sources) == 4 + 2 * shown  # plots, then each arm's overlays on the same images
+    assert all(source.startswith("data:image/png;base64,") for source in sources) and "href=" not in text
+    pixels = screenshot(output / "report.html", tmp_path / "bench.png")
+    blank = tmp_path / "blank.html"
+    blank.write_text(re.sub(r'src="data:image/png;base64,[^"]*"', 'src=""', text))
+    control = screenshot(blank, tmp_path / "blank.png")
+    red, cyan = (255, 38, 38), (26, 230, 230)
+    assert coloured_pixels(pixels, red) > 100 and coloured_pixels(control, red) == 0
+    assert coloured_pixels(pixels, cyan) > 20 or not predictions["masks"].any(), "predicted outlines do not show"

@@ -95,9 +95,9 @@ def bench_command(
 
 
 def _print_summary(summary: dict, output_dir: Path) -> None:
-    from medaug.segmentation.report import LABELS
+    from medaug.segmentation.report import LABELS, interval_text
 
-    table = Table(title=f"medaug bench {summary['task']}: real test split, mean ± 95% CI over seeds")
+    table = Table(title=f"medaug bench {summary['task']}: real test split, mean [95% bootstrap interval]")
     for column in ("arm", "fraction", "ratio", "train", "seeds"):
         table.add_column(column)
     for metric in summary["metrics"]:
@@ -105,13 +105,10 @@ def _print_summary(summary: dict, output_dir: Path) -> None:
     for group in summary["groups"]:
         cells = [group["arm"], f"{group['real_fraction']:g}", f"{group['ratio']:g}",
                  f"{group['n_train_real']}+{group['n_train_synthetic']}", str(len(group["seeds"]))]
-        for metric in summary["metrics"]:
-            score = group["metrics"][metric]
-            mean, ci = score["mean"], score["ci95"]
-            cells.append("–" if mean != mean else (f"{mean:.3f}" if ci != ci else f"{mean:.3f} ± {ci:.3f}"))
+        cells += [interval_text(group["metrics"][metric]) for metric in summary["metrics"]]
         table.add_row(*cells)
     console.print(table)
     for note in summary["notes"]:
         errors.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {output_dir / 'results.json'}, {output_dir / 'results.md'} and "
-                  f"{len(summary['plots'])} plot(s)")
+    console.print(f"wrote {output_dir / 'results.json'}, {output_dir / 'results.md'}, "
+                  f"{len(summary['plots'])} plot(s) and {output_dir / 'report.html'}")
