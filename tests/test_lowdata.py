@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -183,3 +184,20 @@ def test_the_command_refuses_bad_flags_by_name(phantom_dir, tmp_path):
     result = runner.invoke(app, ["study", "seg", "--data", str(tmp_path / "nowhere"), "--output_dir",
                                  str(tmp_path / "o"), "--quick"])
     assert result.exit_code != 0 and "--data" in result.output
+
+
+def test_the_study_report_shows_plots_and_each_arm_s_predictions_in_chromium(quick_study, tmp_path):
+    from tests.test_report import coloured_pixels, screenshot
+
+    output, _, summary = quick_study
+    text = (output / "report.html").read_text()
+    assert "href=" not in text and "percentile bootstrap interval over seeds and test images" in text
+    for row in summary["rows"]:
+        assert 0.0 <= row["ci_low"] <= row["mean"] <= row["ci_high"] <= 1.0, row
+    shown = screenshot(output / "report.html", tmp_path / "study.png")
+    blank = tmp_path / "blank.html"
+    blank.write_text(re.sub(r'src="data:image/png;base64,[^"]*"', 'src=""', text))
+    control = screenshot(blank, tmp_path / "blank.png")
+    red, plot_blue = (255, 38, 38), (31, 119, 180)  # mask outlines; matplotlib's first colour in the Dice plot
+    assert coloured_pixels(shown, red) > 100 and coloured_pixels(control, red) == 0
+    assert coloured_pixels(shown, plot_blue) > 50 and coloured_pixels(control, plot_blue) == 0

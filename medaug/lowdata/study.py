@@ -228,10 +228,9 @@ def run_arm(arm: Arm, seed: int, data, synthetic: list[dict], settings: LowDataS
 
 def _overlay_items(test: list[dict]) -> list[dict]:
     """The first test images with a lesion: every arm's prediction is shown on these same images."""
-    from medaug.data import load_mask
+    from medaug.segmentation.study import overlay_items
 
-    lesions = [item for item in test if load_mask(item["mask"]).any()]
-    return lesions[:OVERLAY_IMAGES]
+    return overlay_items(test, OVERLAY_IMAGES)
 
 
 # ---- the study ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """What a low-data study writes: `summary.json` (for other tools), `results.md` (a table) and `report.html`.
 
 Each arm x generator x real fraction is a group of runs, one per seed. Its score is the mean test Dice over seeds
-with a 95% Student-t interval; its differences against `real` and against `real+classical` are paired by seed
-(same subset, same seed, same test images) and summarised the same way.
+with a 95% percentile bootstrap interval over seeds and test images, clipped to [0, 1]; its differences against
+`real` and against `real+classical` are paired by seed and test image (same subset, same seed, same images), given
+the same kind of interval and a Wilcoxon signed-rank test of per-image Dice averaged over the seeds, and called
+better or worse only where both agree.
 """
 
 from __future__ import annotations
@@ -16,43 +18,51 @@ import numpy as np
 
 from medaug.files import write_json_atomic, write_text_atomic
 from medaug.lowdata.subsets import subset_name
-from medaug.segmentation.stats import mean_ci
+from medaug.report_numbers import p_text, with_interval
+from medaug.segmentation.stats import (BOUNDS, bootstrap_interval, difference_bounds, paired_test, score_tables,
+                                       verdict)
 
 METRIC = "dice"
+INTERVALS = ("95% percentile bootstrap interval over seeds and test images, clipped to [0, 1]; Δ columns pair runs "
+             "by seed and test image, with a Wilcoxon signed-rank p on per-image Dice averaged over seeds, and say "
+             "better or worse only where the interval excludes 0 and p < 0.05")
 
 
-def _interval(values: list[float]) -> dict:
-    mean, half = mean_ci(values)
-    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half}
+def _interval(runs: list[dict]) -> dict:
+    return bootstrap_interval(score_tables(METRIC, runs)[0], BOUNDS[METRIC])
 
 
-def _by_seed(results: list[dict], arm: str, generator, fraction: float) -> dict[int, float]:
-    return {r["seed"]: r["metrics"][METRIC] for r in results
-            if r["arm"] == arm and r["generator"] == generator and r["real_fraction"] == fraction}
+def _runs(results: list[dict], arm: str, generator, fraction: float) -> list[dict]:
+    return [r for r in results if r["arm"] == arm and r["generator"] == generator and r["real_fraction"] == fraction]
 
 
-def _delta(scores: dict[int, float], baseline: dict[int, float]) -> dict | None:
-    seeds = sorted(set(scores) & set(baseline))
-    if not seeds or scores is baseline:
+def _delta(runs: list[dict], baseline: list[dict]) -> dict | None:
+    """Paired by seed and test image: the mean difference, its bootstrap interval, the test and the verdict."""
+    seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in baseline})
+    if not seeds:
         return None
-    return {**_interval([scores[s] - baseline[s] for s in seeds]), "seeds": len(seeds)}
+    arm_table, base_table = (np.asarray(table, float) for table in score_tables(METRIC, runs, baseline))
+    interval = bootstrap_interval((arm_table - base_table).tolist(), difference_bounds(BOUNDS[METRIC]))
+    image_means = [table.mean(axis=0) if table.ndim == 2 else table for table in (arm_table, base_table)]
+    test = paired_test(list(image_means[0]), list(image_means[1]))
+    return {**interval, "seeds": len(seeds), "test": test["test"], "p_value": test["p_value"],
+            "verdict": verdict(interval, test["p_value"])}
 
 
 def summary_rows(results: list[dict]) -> list[dict]:
     keys = list(dict.fromkeys((r["arm"], r["generator"], r["real_fraction"]) for r in results))
     rows = []
     for arm, generator, fraction in keys:
-        scores = _by_seed(results, arm, generator, fraction)
-        real = _by_seed(results, "real", None, fraction)
-        classical = _by_seed(results, "real+classical", None, fraction)
-        runs = [r for r in results if (r["arm"], r["generator"], r["real_fraction"]) == (arm, generator, fraction)]
-        rows.append({"arm": arm, "generator": generator, "real_fraction": fraction, **_interval(list(scores.values())),
-                     "seeds": len(scores), "steps": runs[0]["steps"], "n_real": runs[0]["n_real"],
+        runs = _runs(results, arm, generator, fraction)
+        real = _runs(results, "real", None, fraction)
+        classical = _runs(results, "real+classical", None, fraction)
+        rows.append({"arm": arm, "generator": generator, "real_fraction": fraction, **_interval(runs),
+                     "seeds": len(runs), "steps": runs[0]["steps"], "n_real": runs[0]["n_real"],
                      "n_synthetic": runs[0]["n_synthetic"],
                      "dice_lesion": float(np.mean([r["metrics"]["dice_lesion"] for r in runs])),
                      "hd95": float(np.nanmean([r["metrics"]["hd95"] for r in runs])),
-                     "delta_vs_real": None if arm == "real" else _delta(scores, real),
-                     "delta_vs_classical": None if arm == "real+classical" else _delta(scores, classical)})
+                     "delta_vs_real": None if arm == "real" else _delta(runs, real),
+                     "delta_vs_classical": None if arm == "real+classical" else _delta(runs, classical)})
     return rows
 
 
@@ -83,10 +93,8 @@ def write_outputs(output_dir: Path, settings, results: list[dict], pairs: dict, 
 def _ci(block: dict | None, signed: bool = False) -> str:
     if block is None:
         return "–"
-    sign = "+" if signed else ""
-    if math.isnan(block["ci_low"]):
-        return f"{block['mean']:{sign}.3f}"
-    return f"{block['mean']:{sign}.3f} [{block['ci_low']:{sign}.3f}, {block['ci_high']:{sign}.3f}]"
+    text = with_interval(block["mean"], block["ci_low"], block["ci_high"], signed=signed)
+    return f"{text} (p {p_text(block['p_value'])}, {block['verdict']})" if signed else text
 
 
 def table_rows(summary: dict) -> list[list[str]]:
@@ -95,7 +103,7 @@ def table_rows(summary: dict) -> list[list[str]]:
              f"{row['dice_lesion']:.3f}", f"{row['hd95']:.1f}", str(row["seeds"])] for row in summary["rows"]]
 
 
-HEADER = ["real fraction", "arm", "generator", "images (real+synthetic)", "Dice (95% CI)", "Δ vs real",
+HEADER = ["real fraction", "arm", "generator", "images (real+synthetic)", "Dice [95% interval]", "Δ vs real",
           "Δ vs real+classical", "Dice (lesion images)", "HD95 px", "seeds"]
 
 
@@ -106,7 +114,8 @@ def markdown(summary: dict) -> str:
                   "| --- | --- | --- | --- | --- | --- |"]
     generators += [f"| {g['real_fraction']:g} | {g['generator']} | {g['generated']} | {g['kept']} | "
                    f"{g['fidelity_ratio']:.2f} | {g['fidelity_synthetic_dice']:.3f} |" for g in summary["generators"]]
-    return "\n".join([f"Test Dice over seeds. {summary['equal_steps']}.", "", *lines, *generators]) + "\n"
+    return "\n".join([f"Test Dice, mean over seeds [{INTERVALS}]. {summary['equal_steps']}.", "", *lines,
+                      *generators]) + "\n"
 
 
 # ---- report.html -------------------------------------------------------------------------------------------
@@ -145,10 +154,11 @@ def dice_plot(summary: dict) -> str:
     for number, (name, rows) in enumerate(series.items()):
         rows = sorted(rows, key=lambda r: r["real_fraction"])
         positions = [fractions.index(r["real_fraction"]) + (number - (len(series) - 1) / 2) * width for r in rows]
-        errors = [0 if math.isnan(r["ci_high"]) else r["ci_high"] - r["mean"] for r in rows]
+        errors = np.array([(0, 0) if math.isnan(r["ci_high"]) else (r["mean"] - r["ci_low"], r["ci_high"] - r["mean"])
+                           for r in rows]).T
         axis.errorbar(positions, [r["mean"] for r in rows], yerr=errors, marker="o", capsize=3, label=name)
     axis.set_xticks(range(len(fractions)), [f"{fraction:g}" for fraction in fractions])
-    axis.set_xlabel("real fraction of the training split (95% CI over seeds)")
+    axis.set_xlabel("real fraction of the training split (95% bootstrap interval over seeds and test images)")
     axis.set_ylabel("test Dice")
     axis.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
@@ -251,7 +261,7 @@ def render_html(output_dir: Path, summary: dict, results: list[dict], pairs: dic
         for (f, g), record in pairs.items() if f == shown)
     body = [
         "<h1>medaug low-data segmentation study</h1>",
-        (f"<p>Test Dice on the real test split, mean over seeds with 95% CI; Δ columns pair runs by seed. "
+        (f"<p>Test Dice on the real test split, mean over seeds [{html.escape(INTERVALS)}]. "
          f"{html.escape(summary['equal_steps'])}. Each generator learned from its subset only.</p>"),
         _table(table_rows(summary), HEADER),
         f'<h2>Dice against real fraction</h2><img src="{dice_plot(summary)}" alt="Dice against real fraction">',
