@@ -122,6 +122,43 @@ def test_nifti_slice_is_chosen_and_oriented(tmp_path):
     assert read_array(tmp_path / "v.nii.gz", slice_index=0).max() == 0.0
 
 
+def monai_ras_slice(path, slice_index):
+    """MONAI's view: LoadImage, then Orientation to RAS; the slice shown with rows as A (lowest at the bottom) and
+    columns as R, the convention read_array uses."""
+    from monai.transforms import LoadImage, Orientation
+
+    volume = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)(str(path))
+    ras = np.asarray(Orientation(axcodes="RAS")(volume))[0]
+    return np.flipud(ras[:, :, slice_index].T)
+
+
+AFFINES = {
+    "identity": np.eye(4),
+    "left-right flipped": np.diag([-1.0, 1.0, 1.0, 1.0]),
+    # stored axes are (A, R, I): swapped in-plane and the slices run downwards
+    "permuted, slices reversed": np.array([[0, 2.0, 0, 5], [1.5, 0, 0, -3], [0, 0, -1.0, 7], [0, 0, 0, 1]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AFFINES))
+def test_nifti_slices_match_monai_ras_orientation(tmp_path, name):
+    volume = np.random.default_rng(0).normal(size=(6, 5, 3)).astype(np.float32)
+    nibabel.save(nibabel.Nifti1Image(volume, affine=AFFINES[name]), tmp_path / "v.nii.gz")
+    for slice_index in range(3):
+        np.testing.assert_array_equal(read_array(tmp_path / "v.nii.gz", slice_index=slice_index),
+                                      monai_ras_slice(tmp_path / "v.nii.gz", slice_index))
+
+
+def test_left_right_flipped_nifti_is_mirrored(tmp_path):
+    volume = np.zeros((6, 4, 3), dtype=np.float32)
+    volume[5, 0, 2] = 9.0  # last stored x, which the affine puts at the far left
+    nibabel.save(nibabel.Nifti1Image(volume, affine=AFFINES["left-right flipped"]), tmp_path / "v.nii.gz")
+    image = read_array(tmp_path / "v.nii.gz", slice_index=2)
+    assert image.shape == (4, 6) and image[3, 0] == 9.0  # left-most column, bottom row
+    nibabel.save(nibabel.Nifti1Image(volume[:, :, 2:], affine=AFFINES["left-right flipped"]), tmp_path / "flat.nii")
+    np.testing.assert_array_equal(read_array(tmp_path / "flat.nii"), image)  # a 2D image the same way
+
+
 def test_masks_load_through_the_same_reader(tmp_path):
     mask = np.zeros((7, 9), dtype=np.uint8)
     mask[2:4, 3:6] = 255

@@ -164,23 +164,56 @@ def _read_dicom(path: Path, slice_index: int | None) -> np.ndarray:
 
 
 def _read_nifti(path: Path, slice_index: int | None) -> np.ndarray:
+    """One 2D slice as MONAI shows the volume after `Orientation(axcodes="RAS")`: axes reordered and flipped to
+    canonical RAS by the affine, `slice_index` counting along the superior axis. Only that slice is read."""
     try:
         import nibabel
     except ImportError as error:  # pragma: no cover - nibabel is a core dependency
         raise ImageReadError(f"{path}: reading NIfTI needs nibabel (pip install nibabel)") from error
 
     image = nibabel.load(str(path))
-    axes = [axis for axis, size in enumerate(image.shape) if size > 1]
-    if len(axes) not in (2, 3):
-        raise ImageReadError(f"{path}: NIfTI data has shape {image.shape}; expected a 2D image or 3D volume")
-    check_pixel_count(path, image.shape[axes[1]], image.shape[axes[0]])
-    index = [0] * len(image.shape)
-    index[axes[0]] = index[axes[1]] = slice(None)
-    if len(axes) == 3:  # read the one slice asked for, not the whole volume
-        index[axes[2]] = _pick_slice(path, slice_index, image.shape[axes[2]])
-    volume = np.asanyarray(image.dataobj[tuple(index)])
-    # NIfTI stores (x, y); show rows as y with anterior/superior at the top, as viewers do.
-    return np.ascontiguousarray(np.flipud(volume.T))
+    shape = image.shape
+    if len(shape) < 2 or any(size > 1 for size in shape[3:]):
+        raise ImageReadError(f"{path}: NIfTI data has shape {shape}; expected a 2D image or 3D volume")
+    targets, flips = _ras_axes(image.affine, len(shape[:3]))
+    plane = [axis for axis in range(len(shape[:3])) if shape[axis] > 1]
+    if len(plane) == 3:  # a volume: the slice is the plane across the superior axis
+        plane.remove(targets.index(2))
+    elif len(plane) != 2:
+        raise ImageReadError(f"{path}: NIfTI data has shape {shape}; expected a 2D image or 3D volume")
+    plane.sort(key=lambda axis: targets[axis])  # RAS order: columns first, then rows
+    check_pixel_count(path, shape[plane[1]], shape[plane[0]])
+    index = _slice_index_tuple(path, shape, targets, flips, plane, slice_index)
+    flat = np.asanyarray(image.dataobj[index])  # read the one slice asked for, not the whole volume
+    if plane[0] > plane[1]:  # dataobj keeps the stored axis order
+        flat = flat.T
+    flat = flat[::flips[plane[0]], ::flips[plane[1]]]
+    # (R, A) or the like: show rows as the second axis with its lowest value at the bottom row, as viewers do.
+    return np.ascontiguousarray(np.flipud(flat.T))
+
+
+def _ras_axes(affine: np.ndarray, spatial: int) -> tuple[list[int], list[int]]:
+    """For each stored axis, the RAS axis it becomes (0 R, 1 A, 2 S) and whether it runs reversed (-1) or not (1).
+    An affine that says nothing (singular) keeps the stored order."""
+    from nibabel.orientations import io_orientation
+
+    orientation = io_orientation(affine)[:spatial]
+    if np.isnan(orientation).any():
+        return list(range(spatial)), [1] * spatial
+    return [int(target) for target in orientation[:, 0]], [int(flip) for flip in orientation[:, 1]]
+
+
+def _slice_index_tuple(path: Path, shape: tuple, targets: list[int], flips: list[int], plane: list[int],
+                       slice_index: int | None) -> tuple:
+    index: list = [0] * len(shape)
+    for axis in plane:
+        index[axis] = slice(None)
+    across = [axis for axis in range(len(shape[:3])) if axis not in plane]
+    if across and shape[across[0]] > 1:
+        axis = across[0]
+        chosen = _pick_slice(path, slice_index, shape[axis])
+        index[axis] = chosen if flips[axis] == 1 else shape[axis] - 1 - chosen
+    return tuple(index)
 
 
 def _pick_slice(path: Path, slice_index: int | None, count: int) -> int:
