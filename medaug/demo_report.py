@@ -1,8 +1,9 @@
 """`OUT/report.html` of `medaug demo`: every stage's result on one page, linking to its folder.
 
 Generated images are shown beside the real image whose mask they were made for, with the mask outlined on
-both, so a reader sees at a glance whether the anatomy was followed. Images are embedded (base64 PNG); the
-links are relative, so the whole output folder can be moved or zipped.
+both, so a reader sees at a glance whether the anatomy was followed. Images and plots are embedded (base64 PNG),
+so the page shows them with nothing beside it; the links to stage folders are relative, so the whole output
+folder can be moved or zipped.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from medaug.report import STYLE, outlined, png_data_uri
+from medaug.report_numbers import kid_text, mean_spread, p_text, with_interval
 
 THUMBNAIL = 128
 PAIRS_SHOWN = 8
@@ -108,8 +110,8 @@ def training_section(output_dir: Path, name: str, result: dict) -> str:
 
 def vae_section(result: dict) -> str:
     before, after = result["before_training"], result["after_training"]
-    rows = [[metric.upper(), f"{before[metric]['mean']:.3f}", f"{after[metric]['mean']:.3f} ± "
-             f"{after[metric].get('std', float('nan')):.3f}"] for metric in ("psnr", "ssim")]
+    rows = [[metric.upper(), f"{before[metric]['mean']:.3f}",
+             mean_spread(after[metric]["mean"], after[metric].get("std", float("nan")))] for metric in ("psnr", "ssim")]
     return (f"<p>{result['steps']} steps; reconstruction of {result['test_images']} test images.</p>"
             + _table(["metric", "before training", "after training"], rows))
 
@@ -117,7 +119,7 @@ def vae_section(result: dict) -> str:
 def evaluate_section(output_dir: Path, result: dict) -> str:
     metrics = result["metrics"]
     rows = [["Fréchet distance (domain encoder)", _number(metrics["frechet_distance"], 2)],
-            ["KID", f"{metrics['kid_mean']:.4f} ± {metrics['kid_std']:.4f}"],
+            ["KID (mean ± std over subsets)", kid_text(metrics["kid_mean"], metrics["kid_std"])],
             *[[key, _number(metrics[key])] for key in ("precision", "recall", "density", "coverage")],
             ["MS-SSIM within real / within synthetic (lower is more diverse)",
              f"{_number(result['diversity']['real'])} / {_number(result['diversity']['synthetic'])}"],
@@ -144,10 +146,10 @@ def segmentation_section(output_dir: Path, result: dict, fidelity: dict | None =
         dice = group["metrics"]["dice"]
         paired = group["paired_vs_real"].get("dice")
         rows.append([html.escape(group["arm"]), f"{group['n_train_real']} + {group['n_train_synthetic']}",
-                     len(group["seeds"]), f"{_number(dice['mean'])} ± {_number(dice['ci95'])}",
-                     f"{paired['mean_difference']:+.3f} (p {_number(paired['p_value'])})" if paired else "–"])
+                     len(group["seeds"]), with_interval(dice["mean"], dice.get("ci_low"), dice.get("ci_high")),
+                     _difference(paired)])
     notes = "".join(f"<li>{html.escape(note)}</li>" for note in result["notes"])
-    plots = "".join(f'<img class="wide" src="segmentation/{html.escape(path.name)}" alt="{html.escape(path.stem)}">'
+    plots = "".join(f'<img class="wide" src="{png_data_uri(_pixels(path))}" alt="{html.escape(path.stem)}">'
                     for path in sorted((output_dir / "segmentation").glob("*.png"))[:2])
     readable = ""
     if fidelity and "skipped" not in fidelity:
@@ -155,10 +157,31 @@ def segmentation_section(output_dir: Path, result: dict, fidelity: dict | None =
                     f"real images finds their lesions with Dice {_number(fidelity['synthetic_dice'])}, real test "
                     f"lesions with {_number(fidelity['real_dice'])}): pairs that do not show their mask teach the "
                     "segmenter wrong labels.</p>")
-    return (_table(["arm", "train images (real + synthetic)", "seeds", "Dice on the real test split (mean ± 95% CI)",
-                    "Δ Dice vs real-only (Wilcoxon)"], rows) + readable
+    return (_table(["arm", "train images (real + synthetic)", "seeds",
+                    "Dice on the real test split (mean [95% bootstrap interval over seeds and test images])",
+                    "Δ Dice vs real-only [interval] (Wilcoxon p, verdict)"], rows) + readable
             + (f"<ul class='note'>{notes}</ul>" if notes else "") + plots
-            + f"<p>Table with IoU and HD95: {_link(output_dir, result['results'], 'segmentation/results.md')}.</p>")
+            + f"<p>Table with IoU and HD95: {_link(output_dir, result['results'], 'segmentation/results.md')}"
+            + _bench_page(output_dir, Path(result["results"]).parent / "report.html") + ".</p>")
+
+
+def _bench_page(output_dir: Path, page: Path) -> str:
+    if not page.is_file():
+        return ""
+    return "; each arm's predictions on test images: " + _link(output_dir, page, "segmentation/report.html")
+
+
+def _difference(paired: dict | None) -> str:
+    if not paired:
+        return "–"
+    text = with_interval(paired["mean_difference"], paired.get("ci_low"), paired.get("ci_high"), signed=True)
+    return f"{text} (p {p_text(paired['p_value'])}, {html.escape(paired.get('verdict', '–'))})"
+
+
+def _pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
 
 
 def controlnet_section(output_dir: Path, result: dict) -> str:

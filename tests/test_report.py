@@ -118,3 +118,23 @@ def test_closest_pairs_of_a_clean_audit_render_in_chromium(report, tmp_path):
     # The pairs lie below the grids, tables and PCA plot: compare the page's lower part with and without them.
     lower = slice(WINDOW[1] // 2, None)
     assert dark_fraction(shown[lower]) > 2 * dark_fraction(control[lower]) + 0.002, "the closest pairs do not appear"
+
+
+def test_the_demo_report_embeds_its_segmentation_plots_and_writes_intervals(tmp_path):
+    from medaug.demo_report import segmentation_section
+
+    folder = tmp_path / "segmentation"
+    folder.mkdir()
+    Image.fromarray(np.full((20, 30, 3), (31, 119, 180), np.uint8)).save(folder / "dice_vs_ratio.png")
+    (folder / "results.md").write_text("|")
+    paired = {"mean_difference": 0.04, "ci_low": -0.01, "ci_high": 0.09, "p_value": 0.03,
+              "verdict": "no clear difference"}
+    groups = [{"arm": "real", "n_train_real": 8, "n_train_synthetic": 0, "seeds": [0, 1], "paired_vs_real": {},
+               "metrics": {"dice": {"mean": 0.225, "ci_low": 0.0, "ci_high": 0.74, "ci95": 0.514}}},
+              {"arm": "real+synthetic", "n_train_real": 8, "n_train_synthetic": 8, "seeds": [0, 1],
+               "paired_vs_real": {"dice": paired},
+               "metrics": {"dice": {"mean": 0.265, "ci_low": 0.1, "ci_high": 0.5, "ci95": 0.3}}}]
+    text = segmentation_section(tmp_path, {"groups": groups, "notes": [], "results": str(folder / "results.md")})
+    assert 'src="segmentation/' not in text and text.count('src="data:image/png;base64,') == 1
+    assert "0.23 [0.00, 0.74]" in text and "± 0.514" not in text
+    assert "+0.040 [−0.010, +0.090] (p 0.030, no clear difference)" in text
