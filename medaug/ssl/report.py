@@ -18,15 +18,15 @@ BASELINE_LABELS = {"supervised": "supervised\n({policy})", "random": "random ini
 
 
 def seed_interval(values: list[float]) -> dict:
-    """Mean over seeds with a 95% Student-t interval clipped to [0, 1] (every score here is bounded so), and the
-    per-seed values; the interval is null for fewer than two seeds."""
-    from medaug.segmentation.stats import mean_ci
+    """Mean over seeds with a 95% percentile bootstrap interval over seeds, clipped to [0, 1] (every score here is
+    bounded so), and the per-seed values; the interval is null for fewer than two seeds."""
+    from medaug.segmentation.stats import bootstrap_interval
 
     finite = [value for value in values if value is not None and math.isfinite(value)]
-    mean, half = mean_ci(finite)
-    bounded = math.isfinite(half)
-    return {"mean": mean, "low": max(0.0, mean - half) if bounded else None,
-            "high": min(1.0, mean + half) if bounded else None, "n": len(finite), "values": values}
+    interval = bootstrap_interval(finite, bounds=(0.0, 1.0))
+    bounded = len(finite) > 1 and math.isfinite(interval["ci_low"])
+    return {"mean": interval["mean"], "low": interval["ci_low"] if bounded else None,
+            "high": interval["ci_high"] if bounded else None, "n": len(finite), "values": values}
 
 
 def summarise(results: list[dict], counts: dict, classes: list[str], settings, notes: list[str]) -> dict:
@@ -184,8 +184,9 @@ def write_report(output_dir: Path, summary: dict, runs, data, settings) -> Path:
 <p class="note">Encoders pre-trained on the unlabelled training images ({'CLAHE-equalised, ' if settings.clahe else ''}\
 {settings.resolution} px), scored by a logistic-regression probe on frozen features; the supervised row trains the
 same network with cross-entropy on the same labels, and the random row probes that network as initialised (the floor
-a pre-trained encoder has to beat). Test split of the real data; mean over seeds with a 95% Student-t
-interval clipped to [0, 1] (over seeds, not test images). Label column '{html.escape(settings.label_column)}'.</p>
+a pre-trained encoder has to beat). Test split of the real data; mean over seeds with a 95% percentile
+bootstrap interval over seeds (not test images), clipped to [0, 1].
+Label column '{html.escape(settings.label_column)}'.</p>
 {"".join(f"<p class='note'><b>{html.escape(note)}</b></p>" for note in summary["notes"])}
 <h2>Classes</h2>{_counts_table(summary)}
 <p class="note">Imbalance in the training split: the largest class is {imbalance:.1f}x the smallest.</p>
