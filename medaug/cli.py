@@ -170,6 +170,9 @@ app.command("embed")(embed_command)
 from medaug.commands.edges import edges_command  # noqa: E402
 app.command("edges")(edges_command)
 
+from medaug.commands.export import export_command  # noqa: E402
+app.command("export")(export_command)
+
 from medaug.commands.demo import demo_command  # noqa: E402
 app.command("demo")(demo_command)
 

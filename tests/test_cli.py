@@ -34,6 +34,7 @@ SUBCOMMANDS = {
               "--label_column", "--gradcam_images", "--device", "--num_threads", "--channels", "--fit",
               "--allow_unknown_provenance"],
     "edges": ["--method", "--output_dir", "--split", "--low", "--high", "--thickness", "--overwrite"],
+    "export": ["--output_dir", "--format", "--overwrite"],
     "demo": ["--data", "--output_dir", "--max_train_images", "--resolution", "--finetune_steps", "--controlnet_steps",
              "--seg_epochs", "--seg_seeds", "--overwrite", "--generator", "--consistency", "--no_consistency"],
     "ssl": ["--data", "--output_dir", "--method", "--policies", "--clahe", "--no_clahe", "--label_column",
