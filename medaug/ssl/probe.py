@@ -102,8 +102,8 @@ def _binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
     count_positive, count_negative = int(positive.sum()), int((~positive).sum())
     if not count_positive or not count_negative:
         return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[positive].sum() - count_positive * (count_positive + 1) / 2) / (count_positive * count_negative))
+    rank_sum = rankdata(scores)[positive].sum()
+    return float((rank_sum - count_positive * (count_positive + 1) / 2) / (count_positive * count_negative))
 
 
 def classification_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict:
