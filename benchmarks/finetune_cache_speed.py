@@ -33,7 +33,7 @@ def load_finetune():
 
 def run_once(finetune, base, data, work, cache, steps, batch, extra):
     args = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--output_dir",
-            str(work / f"out-{time.monotonic_ns()}"), "--cache_dir", str(cache), "--max_train_steps", str(steps),
+            str(work / f"out-{time.monotonic_ns()}"), "--latent_cache_dir", str(cache), "--max_train_steps", str(steps),
             "--train_batch_size", str(batch), "--max_train_samples", str(batch * steps), "--report_to", "none",
             "--checkpointing_steps", "100000", *extra]
     started = time.perf_counter()

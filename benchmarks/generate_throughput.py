@@ -48,7 +48,7 @@ def make_models(work: Path, preset: str, data: Path) -> tuple[Path, Path, Path]:
     base = work / f"base-{preset}"
     init_model(base, preset=preset, prompts=sorted({folder.value(i, "text") for i in range(len(folder))}))
     common = ["--train_data_dir", str(data), "--report_to", "none", "--max_train_steps", "2", "--train_batch_size",
-              "2", "--cache_dir", str(work / "cache"), "--resolution", str(RESOLUTION[preset])]
+              "2", "--latent_cache_dir", str(work / "cache"), "--resolution", str(RESOLUTION[preset])]
     finetune, controlnet = load_script("finetune"), load_script("train_controlnet")
     lora = work / f"lora-{preset}"
     finetune.main(finetune.parse_args(["--pretrained_model_name_or_path", str(base), "--output_dir", str(lora),

@@ -162,7 +162,7 @@ def run_finetune_arm(options) -> dict:
     finetune.TensorCache = TimedCache
     work = Path(options.work)
     args = ["--pretrained_model_name_or_path", options.base, "--train_data_dir", options.data,
-            "--output_dir", str(work / "finetune-out"), "--cache_dir", str(work / "finetune-cache"),
+            "--output_dir", str(work / "finetune-out"), "--latent_cache_dir", str(work / "finetune-cache"),
             "--max_train_steps", str(options.steps), "--train_batch_size", str(options.batch_size),
             "--max_train_samples", str(options.steps * options.batch_size), "--rank", str(options.rank),
             "--seed", str(options.seed), "--mixed_precision", "no", "--report_to", "none",

@@ -35,7 +35,7 @@ class DemoSettings:
     consistency: bool = True  # mask_channels: add the mask-consistency loss (a segmenter must find the mask)
     segmenter_epochs: int = 30  # the consistency segmenter's training
     resolution: int = 64
-    max_train_images: int | None = None  # use the first N training rows (real data can be large)
+    max_train_samples: int | None = None  # use the first N training rows (real data can be large)
     vae_steps: int = 150
     finetune_steps: int = 600
     controlnet_steps: int = 500
@@ -83,9 +83,9 @@ class Demo:
 
     def common_flags(self) -> list:
         flags = ["--train_data_dir", self.dataset, "--resolution", self.settings.resolution, "--report_to", "none",
-                 "--seed", self.settings.seed, "--cache_dir", self.path("cache")]
-        if self.settings.max_train_images:
-            flags += ["--max_train_samples", self.settings.max_train_images]
+                 "--seed", self.settings.seed, "--latent_cache_dir", self.path("cache")]
+        if self.settings.max_train_samples:
+            flags += ["--max_train_samples", self.settings.max_train_samples]
         return flags
 
 
@@ -200,7 +200,7 @@ def stage_generate(demo: Demo) -> dict:
     summary = generate(model, demo.path("synthetic"), from_masks=demo.dataset, split="train",
                        num_per_source=settings.num_per_source, num_inference_steps=settings.inference_steps,
                        guidance_scale=settings.guidance_scale, seed=settings.seed, batch_size=8, resume=True,
-                       max_sources=settings.max_train_images)
+                       max_sources=settings.max_train_samples)
     return {key: summary[key] for key in ("written", "skipped", "total", "seconds", "images_per_second")}
 
 
@@ -265,6 +265,8 @@ def open_demo_folder(output_dir: Path, data: Path | None, settings: DemoSettings
     path = output_dir / "demo.json"
     if path.is_file() and not overwrite:
         previous = json.loads(path.read_text())
+        # Demos written before the setting took the training scripts' name.
+        previous["settings"].setdefault("max_train_samples", previous["settings"].pop("max_train_images", None))
         if previous != record:
             changed = sorted(key for key in record["settings"] if previous["settings"].get(key)
                              != record["settings"][key]) or ["data"]

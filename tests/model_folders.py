@@ -30,7 +30,7 @@ def finetuned_folder(base: Path, data: Path, output_dir: Path, kind: str = "text
         embeddings = write_embeddings(data, output_dir.parent / f"{output_dir.name}.safetensors")
         flags += ["--embeddings_file", str(embeddings)]
     args = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--output_dir",
-            str(output_dir), "--cache_dir", str(output_dir.parent / "cache"), "--max_train_steps", "2",
+            str(output_dir), "--latent_cache_dir", str(output_dir.parent / "cache"), "--max_train_steps", "2",
             "--train_batch_size", "2", "--max_train_samples", "4", "--report_to", "none", "--learning_rate", "1e-3",
             "--seed", "0", *flags]
     finetune.main(finetune.parse_args(args))

@@ -21,7 +21,7 @@ from tests.conftest import shared_dataset
 
 
 def run(data, output_dir, cache_dir, *extra, steps=2):
-    args = ["--train_data_dir", str(data), "--output_dir", str(output_dir), "--cache_dir", str(cache_dir),
+    args = ["--train_data_dir", str(data), "--output_dir", str(output_dir), "--latent_cache_dir", str(cache_dir),
             "--max_train_steps", str(steps), "--train_batch_size", "2", "--max_train_samples", "4",
             "--report_to", "none", "--learning_rate", "1e-3", *map(str, extra)]
     return train_controlnet.main(train_controlnet.parse_args(args))

@@ -30,7 +30,7 @@ def write_embeddings(folder, path, shape, seed=0):
 
 def run(base, data, output_dir, cache_dir, *extra, steps=2):
     args = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--output_dir",
-            str(output_dir), "--cache_dir", str(cache_dir), "--max_train_steps", str(steps), "--train_batch_size", "2",
+            str(output_dir), "--latent_cache_dir", str(cache_dir), "--max_train_steps", str(steps), "--train_batch_size", "2",
             "--max_train_samples", "4", "--report_to", "none", "--learning_rate", "1e-3", "--seed", "0",
             *map(str, extra)]
     return finetune.main(finetune.parse_args(args))
@@ -140,7 +140,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, phantom_dir, tmp_p
 def test_default_run_writes_tensorboard_events_and_the_loss_history(tiny_model_dir, phantom_dir, tmp_path):
     output_dir = tmp_path / "out"
     args = finetune.parse_args(["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
-                                str(phantom_dir), "--output_dir", str(output_dir), "--cache_dir",
+                                str(phantom_dir), "--output_dir", str(output_dir), "--latent_cache_dir",
                                 str(tmp_path / "cache"), "--max_train_steps", "3", "--train_batch_size", "2"])
     assert args.report_to == "tensorboard"
     summary = finetune.main(args)
@@ -278,7 +278,7 @@ def test_accelerate_launch_with_two_cpu_processes(tiny_model_dir, phantom_dir, t
     command = [str(accelerate), "launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
                "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train_scripts" / "finetune.py"),
                "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir", str(phantom_dir),
-               "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--max_train_steps", "2",
+               "--output_dir", str(tmp_path / "out"), "--latent_cache_dir", str(tmp_path / "cache"), "--max_train_steps", "2",
                "--train_batch_size", "2", "--checkpointing_steps", "1", "--report_to", "none"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -174,7 +174,7 @@ def test_a_train_controlnet_output_folder(model_folder, phantom_dir, tmp_path):
     train_controlnet.main(train_controlnet.parse_args([
         "--lora_dir", str(model_folder("text")), "--train_data_dir", str(phantom_dir), "--edge_method", "fused",
         "--max_train_steps", "1", "--train_batch_size", "2", "--max_train_samples", "2", "--report_to", "none",
-        "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(run_dir)]))
+        "--latent_cache_dir", str(tmp_path / "cache"), "--output_dir", str(run_dir)]))
     summary = generate(run_dir, tmp_path / "synthetic", from_images=phantom_dir, max_sources=2, **FAST)
     assert summary["written"] == 2
     entries = assert_synthetic_folder(tmp_path / "synthetic", 2)

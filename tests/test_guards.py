@@ -45,7 +45,7 @@ def run_command(argv: list, capsys) -> tuple[int, str]:
 
 def finetune_args(base: Path, data: Path, output_dir: Path, *extra) -> list:
     return ["finetune", "--pretrained_model_name_or_path", base, "--train_data_dir", data, "--output_dir", output_dir,
-            "--cache_dir", output_dir.parent / "cache", "--max_train_steps", "2", "--train_batch_size", "2",
+            "--latent_cache_dir", output_dir.parent / "cache", "--max_train_steps", "2", "--train_batch_size", "2",
             "--max_train_samples", "4", "--report_to", "none", "--seed", "0", *extra]
 
 

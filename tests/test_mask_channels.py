@@ -18,7 +18,7 @@ FAST = {"num_inference_steps": 2}
 
 def train_mask_run(base, data, output_dir, steps=2, *extra):
     arguments = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--output_dir",
-                 str(output_dir), "--cache_dir", str(output_dir.parent / "cache"), "--max_train_steps", str(steps),
+                 str(output_dir), "--latent_cache_dir", str(output_dir.parent / "cache"), "--max_train_steps", str(steps),
                  "--train_batch_size", "4", "--report_to", "none", "--seed", "0", "--learning_rate", "2e-3",
                  "--train_mode", "full", "--mask_channels", "--condition_dropout", "0.2", *map(str, extra)]
     return finetune.main(finetune.parse_args(arguments))

@@ -25,7 +25,7 @@ FAST = {"num_inference_steps": 2}
 
 def train(base, data, output_dir, *flags, steps=2):
     arguments = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--output_dir",
-                 str(output_dir), "--cache_dir", str(output_dir.parent / "cache"), "--max_train_steps", str(steps),
+                 str(output_dir), "--latent_cache_dir", str(output_dir.parent / "cache"), "--max_train_steps", str(steps),
                  "--train_batch_size", "2", "--max_train_samples", "4", "--report_to", "none", "--seed", "0",
                  "--learning_rate", "1e-3", *map(str, flags)]
     finetune.main(finetune.parse_args(arguments))

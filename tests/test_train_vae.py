@@ -42,7 +42,7 @@ def test_finetune_re_encodes_latents_after_the_vae_changes(base_copy, phantom_di
     def finetune_once(name):
         return finetune.main(finetune.parse_args([
             "--pretrained_model_name_or_path", str(base_copy), "--train_data_dir", str(phantom_dir),
-            "--output_dir", str(tmp_path / name), "--cache_dir", str(tmp_path / "cache"), "--max_train_steps", "1",
+            "--output_dir", str(tmp_path / name), "--latent_cache_dir", str(tmp_path / "cache"), "--max_train_steps", "1",
             "--max_train_samples", "2", "--train_batch_size", "2", "--report_to", "none"]))
 
     assert "latents" in finetune_once("a")["computed"]

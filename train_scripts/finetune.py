@@ -31,6 +31,8 @@ from medaug.data import DatasetFolder
 from medaug.embeddings import parse_shape
 from medaug.metrics.fidelity import FidelitySegmenter
 from medaug.run_record import RunRecord, write_run_record
+from medaug.training.arguments import (HelpFormatter, add_config_flag, add_refused_diffusers_flags, dataset_folder,
+                                       epoch_steps, parse_with_config, positive_int, set_tf32, train_steps)
 from medaug.training.base_model import (check_base_flag, check_xformers, load_base, resolve_resolution,
                                         vae_downsampling)
 from medaug.training.cache import DEFAULT_CACHE_DIR, TensorCache
@@ -46,7 +48,7 @@ from medaug.training.loss import diffusion_loss
 from medaug.training.loss_log import LOSS_HISTORY, LossHistory
 from medaug.training.mask_channels import latent_masks, row_masks, widen_conv_in
 from medaug.training.run_folder import claimed_run_folder
-from medaug.training.validation import sample_images, save_grid
+from medaug.training.validation import log_to_trackers, sample_images, save_grid
 
 logger = logging.getLogger("medaug.finetune")
 # Arguments that define what a checkpoint holds: resuming with any of them changed is refused.
@@ -54,14 +56,18 @@ CONFIGURATION_KEYS = ("pretrained_model_name_or_path", "conditioning", "train_mo
                       "mask_channels",
                       "resolution", "condition_tokens", "train_batch_size",
                       "gradient_accumulation_steps", "seed")
+DEFAULT_TRAIN_STEPS = 1000
 
 
-def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    add_config_flag(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", required=True,
                        help="Hub name or local diffusers Stable Diffusion folder (e.g. from `medaug init-model`).")
+    model.add_argument("--cache_dir", default=None,
+                       help="Hugging Face Hub cache for a base given by Hub name, as in diffusers (None: the Hub's "
+                            "own, under $HF_HOME). medaug's latent cache is --latent_cache_dir.")
     model.add_argument("--train_mode", choices=("lora", "full"), default="lora",
                        help="lora: LoRA on the UNet attention projections (pretrained bases); "
                             "full: train the whole UNet (from-scratch bases).")
@@ -69,11 +75,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--train_text_encoder", action="store_true",
                        help="Also put LoRA on the CLIP text encoder (text conditioning only).")
     model.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None,
-                       help="Training target; default: the base scheduler's.")
+                       help="Training target; None: the base scheduler's.")
     model.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                        help="Use xformers attention (needs `pip install medaug[xformers]`); default is PyTorch SDPA.")
     model.add_argument("--gradient_checkpointing", action="store_true",
                        help="Recompute activations in the backward pass (less memory, slower).")
+    model.add_argument("--allow_tf32", action="store_true",
+                       help="Allow TensorFloat-32 matrix products on Ampere and newer GPUs (faster); no effect on CPU.")
     model.add_argument("--mask_channels", action="store_true",
                        help="Condition the UNet on each row's mask: the mask, at latent resolution, becomes an extra "
                             "input channel (conv_in widened, new weights zero), so generated images show their "
@@ -88,77 +96,100 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                        help="The consistency loss counts samples below this timestep only (readable estimates).")
 
     data = parser.add_argument_group("data and conditioning")
-    data.add_argument("--train_data_dir", required=True, help="Dataset folder with metadata.csv/jsonl.")
+    data.add_argument("--train_data_dir", default=None,
+                      help="Dataset folder with metadata.csv/jsonl (required unless --dataset_name names one).")
+    data.add_argument("--dataset_name", default=None,
+                      help="diffusers' flag: here a local dataset folder, used as --train_data_dir (Hub datasets "
+                           "are refused: export one to a folder first).")
     data.add_argument("--split", default="train", help="Which split to train on.")
     data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N rows (debugging).")
     data.add_argument("--resolution", type=int, default=None,
-                      help="Square training size in pixels; default: the base UNet's sample size times the VAE's.")
+                      help="Square training size in pixels; None: the base UNet's sample size times the VAE's.")
     data.add_argument("--fit", choices=("pad", "crop", "stretch"), default="pad", help="How images become square.")
+    data.add_argument("--center_crop", action="store_true", help="diffusers' flag: the same as --fit crop.")
     data.add_argument("--random_flip", action="store_true", help="Flip latents horizontally at random.")
-    data.add_argument("--conditioning", choices=tuple(CONDITION_KINDS), default="text")
+    data.add_argument("--conditioning", choices=tuple(CONDITION_KINDS), default="text",
+                      help="What each image is conditioned on.")
     data.add_argument("--caption_column", default="text", help="Prompt column for --conditioning text.")
     data.add_argument("--reference_column", default=None,
-                      help="Column naming a reference image for --conditioning clip_image; default: the row's image.")
+                      help="Column naming a reference image for --conditioning clip_image; None: the row's image.")
     data.add_argument("--image_encoder_name_or_path", default=None,
-                      help="CLIP vision model for clip_image; default: the base folder's image_encoder/.")
+                      help="CLIP vision model for clip_image; None: the base folder's image_encoder/.")
     data.add_argument("--embeddings_file", default=None,
                       help="Embeddings keyed by file_name (.safetensors, .npz, .parquet) for --conditioning embedding.")
     data.add_argument("--embedding_key_column", default="file_name", help="Key column of a parquet embeddings file.")
     data.add_argument("--embedding_value_column", default="embedding", help="Value column of a parquet file.")
     data.add_argument("--embedding_shape", type=parse_shape, default=None,
-                      help="Reshape flat embeddings, e.g. 32,768 for ELIXR; default: as stored.")
+                      help="Reshape flat embeddings, e.g. 32,768 for ELIXR; None: as stored.")
     data.add_argument("--condition_tokens", type=int, default=4,
                       help="Tokens a vector condition (image embedding, (D,) embedding) is projected to.")
     data.add_argument("--condition_dropout", type=float, default=0.1,
                       help="Probability of replacing a condition by the unconditional embedding (for guidance).")
-    data.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR),
+    data.add_argument("--latent_cache_dir", default=str(DEFAULT_CACHE_DIR),
                       help="Where latents and condition features are cached across runs ($MEDAUG_CACHE).")
     data.add_argument("--no_cache", action="store_true",
                       help="Encode images and conditions at every step, as a stock training loop does (slower; "
                            "for comparison and for data too large to cache).")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", default="medaug-finetune")
+    train.add_argument("--output_dir", default="medaug-finetune", help="The run folder to write.")
     train.add_argument("--overwrite", action="store_true",
-                      help="Replace the run already in --output_dir (its weights, record, logs, checkpoints).")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--train_batch_size", type=int, default=4)
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--max_train_steps", type=int, default=1000)
-    train.add_argument("--learning_rate", type=float, default=1e-4)
+                       help="Replace the run already in --output_dir (its weights, record, logs, checkpoints).")
+    train.add_argument("--seed", type=int, default=0, help="Seed of initial weights, data order and noise.")
+    train.add_argument("--train_batch_size", type=int, default=4, help="Images per process per micro-step.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="Micro-steps summed into one optimiser step.")
+    train.add_argument("--max_train_steps", type=int, default=None,
+                       help=f"Optimiser steps; None: --num_train_epochs passes, else {DEFAULT_TRAIN_STEPS}.")
+    train.add_argument("--num_train_epochs", type=positive_int, default=None,
+                       help="Passes over the training rows, used when --max_train_steps is not given (steps = "
+                            "epochs x rows / (batch x accumulation x processes), as diffusers counts them).")
+    train.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate.")
     train.add_argument("--lr_scheduler", default="constant",
                        choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                "constant_with_warmup"))
-    train.add_argument("--lr_warmup_steps", type=int, default=0)
-    train.add_argument("--adam_beta1", type=float, default=0.9)
-    train.add_argument("--adam_beta2", type=float, default=0.999)
-    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    train.add_argument("--adam_epsilon", type=float, default=1e-8)
-    train.add_argument("--max_grad_norm", type=float, default=1.0)
+                                "constant_with_warmup"), help="diffusers' learning-rate schedule.")
+    train.add_argument("--lr_warmup_steps", type=int, default=0, help="Steps of warm-up of the schedule.")
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    train.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradients are clipped to this norm.")
     train.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting (5.0 is typical).")
-    train.add_argument("--noise_offset", type=float, default=0.0)
+    train.add_argument("--noise_offset", type=float, default=0.0, help="Offset noise scale (0 turns it off).")
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
-                       help="Default: accelerate's configuration.")
-    train.add_argument("--checkpointing_steps", type=int, default=500)
-    train.add_argument("--checkpoints_total_limit", type=int, default=None)
+                       help="None: accelerate's configuration. The run record keeps the precision used.")
+    train.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
+    train.add_argument("--checkpoints_total_limit", type=int, default=None,
+                       help="Keep at most this many checkpoints (the newest); None: all.")
     train.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder.')
-    train.add_argument("--report_to", default="tensorboard", help='"tensorboard" or "none".')
-    train.add_argument("--logging_dir", default="logs", help="TensorBoard folder, inside --output_dir.")
+    train.add_argument("--report_to", default="tensorboard",
+                       help='"tensorboard", "wandb", another accelerate tracker, "all" or "none"; loss, learning '
+                            "rate and validation images go there.")
+    train.add_argument("--logging_dir", default="logs", help="Tracker folder, inside --output_dir.")
 
     validation = parser.add_argument_group("validation")
-    validation.add_argument("--validation_steps", type=int, default=None, help="Sample images every N steps.")
+    validation.add_argument("--validation_steps", type=int, default=None,
+                            help="Sample images every N steps (saved under validation/ and sent to --report_to).")
     validation.add_argument("--validation_prompt", default=None,
-                            help="Prompt for text runs; default: prompts/conditions of the first val rows.")
-    validation.add_argument("--num_validation_images", type=int, default=4)
-    validation.add_argument("--validation_inference_steps", type=int, default=25)
-    validation.add_argument("--validation_guidance_scale", type=float, default=3.0)
-    args = parser.parse_args(input_args)
+                            help="Prompt for text runs; None: prompts/conditions of the first val rows.")
+    validation.add_argument("--num_validation_images", type=int, default=4, help="Images per validation.")
+    validation.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps.")
+    validation.add_argument("--validation_guidance_scale", type=float, default=3.0, help="Classifier-free guidance.")
+    add_refused_diffusers_flags(parser)
+    return parser
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    args = parse_with_config(build_parser(), input_args, "finetune")
     check_flags(args)
     return args
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """Flag combinations that cannot work, refused before any model is loaded."""
+    """Flag combinations that cannot work, refused before any model is loaded; diffusers' spellings resolved."""
+    args.train_data_dir = dataset_folder(args.train_data_dir, args.dataset_name)
+    if args.center_crop:
+        args.fit = "crop"
     check_base_flag(args.pretrained_model_name_or_path)
     kind = condition_class(args.conditioning)
     for name in kind.required_settings:
@@ -184,7 +215,8 @@ def check_flags(args: argparse.Namespace) -> None:
 def log_validation(args, step, condition, folder, vae, unet, text_encoder, tokenizer, resolution, accelerator):
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    scheduler = DDIMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                              cache_dir=args.cache_dir)
     rows = validation_rows(folder, args.split, args.num_validation_images)
     hidden, negative = validation_embeddings(condition, folder, rows, accelerator.device, args.validation_prompt)
     masks = row_masks(folder, rows, resolution, args.fit) if args.mask_channels else None
@@ -195,9 +227,7 @@ def log_validation(args, step, condition, folder, vae, unet, text_encoder, token
     if masks is not None:  # each mask above the image generated for it
         images = np.concatenate([np.repeat(masks.permute(0, 2, 3, 1).numpy(), 3, axis=3), images], axis=1)
     path = save_grid(images, Path(args.output_dir) / "validation" / f"step-{step:06d}.png")
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.stack(images), step, dataformats="NHWC")
+    log_to_trackers(accelerator.trackers, images, step)
     logger.info("validation images: %s", path)
     return path
 
@@ -226,7 +256,7 @@ def run_record(args, settings: dict, resolution: int, channels: int, scaling_fac
         prediction_type=args.prediction_type, vae_scaling_factor=scaling_factor,
         train_data_dir=str(Path(args.train_data_dir).resolve()), split=args.split, steps=global_step,
         seed=args.seed, num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
-        arguments=vars(args))
+        arguments=vars(args) | {"mixed_precision": accelerator.mixed_precision})  # replays at the precision used
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -257,14 +287,18 @@ def train(args: argparse.Namespace) -> dict:
                                             logging_dir=str(output_dir / args.logging_dir)),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_tf32(args.allow_tf32)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # 1. Load the base model; check the data folder before anything slow.
     folder = DatasetFolder(args.train_data_dir)
     rows = training_rows(folder, args.split, args.max_train_samples)
+    args.max_train_steps = train_steps(args.max_train_steps, args.num_train_epochs,
+                                       epoch_steps(len(rows), args.train_batch_size, args.gradient_accumulation_steps,
+                                                   accelerator.num_processes), DEFAULT_TRAIN_STEPS)
     channels = image_channels(folder, rows)
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_base(args.pretrained_model_name_or_path,
-                                                                    args.prediction_type)
+                                                                    args.prediction_type, cache_dir=args.cache_dir)
     resolution = resolve_resolution(args.resolution, vae, unet)
     torch.manual_seed(args.seed)  # new projections start the same in every run of this seed
     kind = condition_class(args.conditioning)
@@ -280,7 +314,7 @@ def train(args: argparse.Namespace) -> dict:
         frozen.to(accelerator.device, dtype=weight_dtype)
 
     # 2. Latents and condition features, cached across epochs and runs.
-    cache = TensorCache(args.cache_dir)
+    cache = TensorCache(args.latent_cache_dir)
     dataset = pixel_dataset(folder, args.split, rows, resolution, args.fit)
     latents = None if args.no_cache else cached_latents(vae, Path(args.pretrained_model_name_or_path) / "vae",
                                                         dataset, args.fit, cache, accelerator)

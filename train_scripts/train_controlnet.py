@@ -38,6 +38,8 @@ from medaug.edges import EDGE_METHODS, MASK_METHODS, row_control_image
 from medaug.embeddings import parse_shape
 from medaug.run_loader import apply_run_weights
 from medaug.run_record import RunRecord, read_run_record, write_run_record
+from medaug.training.arguments import (HelpFormatter, add_config_flag, add_refused_diffusers_flags, dataset_folder,
+                                       epoch_steps, parse_with_config, positive_int, set_tf32, train_steps)
 from medaug.training.base_model import check_base_flag, check_xformers, load_base, resolve_resolution
 from medaug.training.cache import DEFAULT_CACHE_DIR, TensorCache
 from medaug.training.checkpoint import (load_checkpoint, prune_checkpoints, resolve_checkpoint,
@@ -50,7 +52,7 @@ from medaug.training.lora import LORA_WEIGHTS_NAME, UNET_TARGETS, add_lora
 from medaug.training.loss import diffusion_loss
 from medaug.training.loss_log import LOSS_HISTORY, LossHistory
 from medaug.training.run_folder import claimed_run_folder
-from medaug.training.validation import sample_images, save_grid
+from medaug.training.validation import log_to_trackers, sample_images, save_grid
 
 logger = logging.getLogger("medaug.controlnet")
 # ControlNet's conditioning embedding downsamples once per entry after the first; take as many entries as the
@@ -58,14 +60,18 @@ logger = logging.getLogger("medaug.controlnet")
 CONDITIONING_CHANNELS = (16, 32, 96, 256)
 CONFIGURATION_KEYS = ("pretrained_model_name_or_path", "lora_dir", "conditioning", "controlnet_train_mode", "rank",
                       "edge_method", "condition_tokens", "train_batch_size", "gradient_accumulation_steps", "seed")
+DEFAULT_TRAIN_STEPS = 1000
 
 
-def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    add_config_flag(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", default=None,
-                       help="Hub name or diffusers Stable Diffusion folder; default: the base of --lora_dir.")
+                       help="Hub name or diffusers Stable Diffusion folder; None: the base of --lora_dir.")
+    model.add_argument("--cache_dir", default=None,
+                       help="Hugging Face Hub cache for a base or ControlNet given by Hub name, as in diffusers "
+                            "(None: the Hub's own, under $HF_HOME). medaug's latent cache is --latent_cache_dir.")
     model.add_argument("--lora_dir", default=None,
                        help="finetune.py output folder: its LoRA (or full UNet) is applied to the base and its "
                             "condition encoder and condition flags are used.")
@@ -75,70 +81,110 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                        help="full: train every ControlNet weight; lora: LoRA on its attention projections plus "
                             "its new layers (conditioning embedding, zero convolutions).")
     model.add_argument("--rank", type=int, default=8, help="LoRA rank for --controlnet_train_mode lora.")
-    model.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None)
+    model.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None,
+                       help="Training target; None: the base scheduler's.")
     model.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                        help="Use xformers attention (needs `pip install medaug[xformers]`); default is PyTorch SDPA.")
-    model.add_argument("--gradient_checkpointing", action="store_true")
+    model.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute activations in the backward pass (less memory, slower).")
+    model.add_argument("--allow_tf32", action="store_true",
+                       help="Allow TensorFloat-32 matrix products on Ampere and newer GPUs (faster); no effect on CPU.")
 
     data = parser.add_argument_group("data, edges and conditioning")
-    data.add_argument("--train_data_dir", required=True, help="Dataset folder with metadata.csv/jsonl.")
-    data.add_argument("--split", default="train")
-    data.add_argument("--max_train_samples", type=int, default=None)
+    data.add_argument("--train_data_dir", default=None,
+                      help="Dataset folder with metadata.csv/jsonl (required unless --dataset_name names one).")
+    data.add_argument("--dataset_name", default=None,
+                      help="diffusers' flag: here a local dataset folder, used as --train_data_dir (Hub datasets "
+                           "are refused: export one to a folder first).")
+    data.add_argument("--split", default="train", help="Which split to train on.")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N rows (debugging).")
     data.add_argument("--resolution", type=int, default=None,
-                      help="Square training size; default: --lora_dir's, else the base UNet's sample size x VAE's.")
+                      help="Square training size; None: --lora_dir's, else the base UNet's sample size x VAE's.")
     data.add_argument("--edge_method", choices=tuple(EDGE_METHODS), default=None,
                       help="Make edge maps from each row's image (canny, sobel, scharr) or mask (mask_boundary, "
-                           "fused); default: read them from --conditioning_image_column.")
+                           "fused); None: read them from --conditioning_image_column.")
     data.add_argument("--conditioning_image_column", default="conditioning_image_file_name",
                       help="Column of precomputed edge maps, used when --edge_method is not given.")
-    data.add_argument("--fit", choices=("pad", "crop", "stretch"), default=None, help="Default: pad.")
-    data.add_argument("--conditioning", choices=tuple(CONDITION_KINDS), default=None, help="Default: text.")
-    data.add_argument("--caption_column", default=None)
-    data.add_argument("--reference_column", default=None)
-    data.add_argument("--image_encoder_name_or_path", default=None)
-    data.add_argument("--embeddings_file", default=None)
-    data.add_argument("--embedding_key_column", default=None)
-    data.add_argument("--embedding_value_column", default=None)
-    data.add_argument("--embedding_shape", type=parse_shape, default=None)
-    data.add_argument("--condition_tokens", type=int, default=None)
+    data.add_argument("--fit", choices=("pad", "crop", "stretch"), default=None,
+                      help="How images become square; None: --lora_dir's, else pad.")
+    data.add_argument("--center_crop", action="store_true", help="diffusers' flag: the same as --fit crop.")
+    data.add_argument("--conditioning", choices=tuple(CONDITION_KINDS), default=None,
+                      help="What each image is conditioned on; None: --lora_dir's, else text.")
+    data.add_argument("--caption_column", default=None,
+                      help="Prompt column for --conditioning text; None: --lora_dir's, else text.")
+    data.add_argument("--reference_column", default=None,
+                      help="Column naming a reference image for clip_image; None: --lora_dir's, else the row's image.")
+    data.add_argument("--image_encoder_name_or_path", default=None,
+                      help="CLIP vision model for clip_image; None: --lora_dir's, else the base's image_encoder/.")
+    data.add_argument("--embeddings_file", default=None,
+                      help="Embeddings keyed by file_name for --conditioning embedding; None: --lora_dir's.")
+    data.add_argument("--embedding_key_column", default=None,
+                      help="Key column of a parquet embeddings file; None: --lora_dir's, else file_name.")
+    data.add_argument("--embedding_value_column", default=None,
+                      help="Value column of a parquet embeddings file; None: --lora_dir's, else embedding.")
+    data.add_argument("--embedding_shape", type=parse_shape, default=None,
+                      help="Reshape flat embeddings, e.g. 32,768; None: --lora_dir's, else as stored.")
+    data.add_argument("--condition_tokens", type=int, default=None,
+                      help="Tokens a vector condition is projected to; None: --lora_dir's, else 4.")
     data.add_argument("--condition_dropout", type=float, default=0.1,
                       help="Probability of replacing a condition by the unconditional embedding (the edge map "
                            "is always kept).")
-    data.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR))
+    data.add_argument("--latent_cache_dir", default=str(DEFAULT_CACHE_DIR),
+                      help="Where latents and condition features are cached across runs ($MEDAUG_CACHE).")
     data.add_argument("--no_cache", action="store_true", help="Encode images, conditions and edges every step.")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", default="medaug-controlnet")
+    train.add_argument("--output_dir", default="medaug-controlnet", help="The run folder to write.")
     train.add_argument("--overwrite", action="store_true",
-                      help="Replace the run already in --output_dir (its weights, record, logs, checkpoints).")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--train_batch_size", type=int, default=4)
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--max_train_steps", type=int, default=1000)
-    train.add_argument("--learning_rate", type=float, default=1e-4)
+                       help="Replace the run already in --output_dir (its weights, record, logs, checkpoints).")
+    train.add_argument("--seed", type=int, default=0, help="Seed of initial weights, data order and noise.")
+    train.add_argument("--train_batch_size", type=int, default=4, help="Images per process per micro-step.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="Micro-steps summed into one optimiser step.")
+    train.add_argument("--max_train_steps", type=int, default=None,
+                       help=f"Optimiser steps; None: --num_train_epochs passes, else {DEFAULT_TRAIN_STEPS}.")
+    train.add_argument("--num_train_epochs", type=positive_int, default=None,
+                       help="Passes over the training rows, used when --max_train_steps is not given (steps = "
+                            "epochs x rows / (batch x accumulation x processes), as diffusers counts them).")
+    train.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate.")
     train.add_argument("--lr_scheduler", default="constant",
                        choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                "constant_with_warmup"))
-    train.add_argument("--lr_warmup_steps", type=int, default=0)
-    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    train.add_argument("--max_grad_norm", type=float, default=1.0)
-    train.add_argument("--snr_gamma", type=float, default=None)
-    train.add_argument("--noise_offset", type=float, default=0.0)
-    train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
-    train.add_argument("--checkpointing_steps", type=int, default=500)
-    train.add_argument("--checkpoints_total_limit", type=int, default=None)
+                                "constant_with_warmup"), help="diffusers' learning-rate schedule.")
+    train.add_argument("--lr_warmup_steps", type=int, default=0, help="Steps of warm-up of the schedule.")
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradients are clipped to this norm.")
+    train.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting (5.0 is typical).")
+    train.add_argument("--noise_offset", type=float, default=0.0, help="Offset noise scale (0 turns it off).")
+    train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                       help="None: accelerate's configuration. The run record keeps the precision used.")
+    train.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
+    train.add_argument("--checkpoints_total_limit", type=int, default=None,
+                       help="Keep at most this many checkpoints (the newest); None: all.")
     train.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder.')
-    train.add_argument("--report_to", default="tensorboard", help='"tensorboard" or "none".')
-    train.add_argument("--logging_dir", default="logs")
+    train.add_argument("--report_to", default="tensorboard",
+                       help='"tensorboard", "wandb", another accelerate tracker, "all" or "none"; loss, learning '
+                            "rate and validation images go there.")
+    train.add_argument("--logging_dir", default="logs", help="Tracker folder, inside --output_dir.")
 
     validation = parser.add_argument_group("validation")
-    validation.add_argument("--validation_steps", type=int, default=None)
-    validation.add_argument("--validation_prompt", default=None)
-    validation.add_argument("--num_validation_images", type=int, default=4)
-    validation.add_argument("--validation_inference_steps", type=int, default=25)
-    validation.add_argument("--validation_guidance_scale", type=float, default=3.0)
-    validation.add_argument("--controlnet_conditioning_scale", type=float, default=1.0)
-    args = parser.parse_args(input_args)
+    validation.add_argument("--validation_steps", type=int, default=None,
+                            help="Sample images every N steps (saved under validation/ and sent to --report_to).")
+    validation.add_argument("--validation_prompt", default=None,
+                            help="Prompt for text runs; None: prompts/conditions of the first val rows.")
+    validation.add_argument("--num_validation_images", type=int, default=4, help="Images per validation.")
+    validation.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps.")
+    validation.add_argument("--validation_guidance_scale", type=float, default=3.0, help="Classifier-free guidance.")
+    validation.add_argument("--controlnet_conditioning_scale", type=float, default=1.0,
+                            help="How strongly the edge map steers validation images.")
+    add_refused_diffusers_flags(parser)
+    return parser
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    args = parse_with_config(build_parser(), input_args, "train_controlnet")
+    args.train_data_dir = dataset_folder(args.train_data_dir, args.dataset_name)
+    if args.center_crop:
+        args.fit = "crop"
     resolve_condition_flags(args)
     check_base_flag(args.pretrained_model_name_or_path)
     for name in condition_class(args.conditioning).required_settings:
@@ -194,7 +240,8 @@ def build_controlnet(args, unet, vae):
     from diffusers import ControlNetModel
 
     if args.controlnet_model_name_or_path:
-        return ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, use_safetensors=True)
+        return ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, use_safetensors=True,
+                                               cache_dir=args.cache_dir)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     entries = int(math.log2(vae_scale)) + 1
     if entries > len(CONDITIONING_CHANNELS):
@@ -255,7 +302,8 @@ def log_validation(args, step, condition, folder, vae, unet, controlnet, text_en
                    accelerator):
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    scheduler = DDIMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                              cache_dir=args.cache_dir)
     rows = validation_rows(folder, args.split, args.num_validation_images)
     hidden, negative = validation_embeddings(condition, folder, rows, accelerator.device, args.validation_prompt)
     control = control_images(args, folder, rows, resolution, progress=False).float() / 255.0
@@ -270,9 +318,7 @@ def log_validation(args, step, condition, folder, vae, unet, controlnet, text_en
     # Each edge map above the image generated from it.
     pairs = np.concatenate([control[:count].permute(0, 2, 3, 1).numpy(), images], axis=1)
     path = save_grid(pairs, Path(args.output_dir) / "validation" / f"step-{step:06d}.png")
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", pairs, step, dataformats="NHWC")
+    log_to_trackers(accelerator.trackers, pairs, step)
     logger.info("validation images: %s", path)
     return path
 
@@ -316,7 +362,7 @@ def run_record(args, settings: dict, resolution: int, channels: int, scaling_fac
         lora_dir=str(Path(args.lora_dir).resolve()) if args.lora_dir else None,
         train_data_dir=str(Path(args.train_data_dir).resolve()), split=args.split, steps=global_step,
         seed=args.seed, num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
-        arguments=vars(args))
+        arguments=vars(args) | {"mixed_precision": accelerator.mixed_precision})  # replays at the precision used
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,15 +391,19 @@ def train(args: argparse.Namespace) -> dict:
                                             logging_dir=str(output_dir / args.logging_dir)),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_tf32(args.allow_tf32)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # 1. Base model with --lora_dir applied; the data folder and edge sources are checked first.
     folder = DatasetFolder(args.train_data_dir)
     rows = training_rows(folder, args.split, args.max_train_samples)
+    args.max_train_steps = train_steps(args.max_train_steps, args.num_train_epochs,
+                                       epoch_steps(len(rows), args.train_batch_size, args.gradient_accumulation_steps,
+                                                   accelerator.num_processes), DEFAULT_TRAIN_STEPS)
     check_edge_source(args, folder, rows)
     channels = image_channels(folder, rows)
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_base(args.pretrained_model_name_or_path,
-                                                                    args.prediction_type)
+                                                                    args.prediction_type, cache_dir=args.cache_dir)
     if args.lora_dir:
         unet, text_encoder = apply_run_weights(args.lora_dir, tokenizer, text_encoder, vae, unet, noise_scheduler)
     resolution = resolve_resolution(args.resolution, vae, unet)
@@ -379,7 +429,7 @@ def train(args: argparse.Namespace) -> dict:
         frozen.to(accelerator.device, dtype=weight_dtype)
 
     # 2. Latents, condition features (cached as finetune.py does) and edge maps (made once per run).
-    cache = TensorCache(args.cache_dir)
+    cache = TensorCache(args.latent_cache_dir)
     dataset = pixel_dataset(folder, args.split, rows, resolution, args.fit)
     latents = None if args.no_cache else cached_latents(vae, Path(args.pretrained_model_name_or_path) / "vae",
                                                         dataset, args.fit, cache, accelerator)

@@ -30,6 +30,8 @@ from medaug.console import reporting_errors
 from medaug.data import DatasetFolder, MedicalImageDataset
 from medaug.models.pix2pix import PatchDiscriminator, Pix2PixGenerator
 from medaug.run_record import RunRecord, write_run_record
+from medaug.training.arguments import (HelpFormatter, add_config_flag, dataset_folder, epoch_steps, parse_with_config,
+                                       positive_int, set_tf32, train_steps)
 from medaug.training.checkpoint import (load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
 from medaug.training.data_order import EpochPermutationSampler, step_generator
@@ -41,38 +43,56 @@ from medaug.training.validation import save_grid
 logger = logging.getLogger("medaug.pix2pix")
 # Arguments that define what a checkpoint holds: resuming with any of them changed is refused.
 CONFIGURATION_KEYS = ("resolution", "train_batch_size", "seed", "generator_channels", "l1_weight", "fit")
+DEFAULT_TRAIN_STEPS = 2000
 
 
-def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--train_data_dir", required=True, help="Dataset folder whose rows have masks.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    add_config_flag(parser)
+    parser.add_argument("--train_data_dir", default=None,
+                        help="Dataset folder whose rows have masks (required unless --dataset_name names one).")
+    parser.add_argument("--dataset_name", default=None,
+                        help="diffusers' flag: here a local dataset folder, used as --train_data_dir.")
     parser.add_argument("--split", default="train", help="Which split to train on.")
     parser.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N rows (debugging).")
     parser.add_argument("--resolution", type=int, default=64, help="Square training and generation size (px).")
     parser.add_argument("--fit", choices=("pad", "crop", "stretch"), default="pad", help="How images become square.")
-    parser.add_argument("--output_dir", default="medaug-pix2pix")
+    parser.add_argument("--center_crop", action="store_true", help="diffusers' flag: the same as --fit crop.")
+    parser.add_argument("--output_dir", default="medaug-pix2pix", help="The run folder to write.")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace the run already in --output_dir (its weights, record, logs, checkpoints).")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train_batch_size", type=int, default=8)
-    parser.add_argument("--max_train_steps", type=int, default=2000)
-    parser.add_argument("--learning_rate", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of initial weights, data order and noise.")
+    parser.add_argument("--train_batch_size", type=int, default=8, help="Pairs per step.")
+    parser.add_argument("--max_train_steps", type=int, default=None,
+                        help=f"Steps; None: --num_train_epochs passes, else {DEFAULT_TRAIN_STEPS}.")
+    parser.add_argument("--num_train_epochs", type=positive_int, default=None,
+                        help="Passes over the training pairs, used when --max_train_steps is not given.")
+    parser.add_argument("--learning_rate", type=float, default=2e-4, help="Adam learning rate of both networks.")
     parser.add_argument("--adam_beta1", type=float, default=0.5, help="pix2pix's Adam beta1.")
     parser.add_argument("--l1_weight", type=float, default=100.0, help="Weight of L1 to the real image (pix2pix: 100).")
     parser.add_argument("--generator_channels", default="32,64,128,256",
                         help="Channels of the U-Net's levels (one halving between levels).")
     parser.add_argument("--random_flip", action="store_true", help="Flip image and mask together at random.")
-    parser.add_argument("--checkpointing_steps", type=int, default=500)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--allow_tf32", action="store_true",
+                        help="Allow TensorFloat-32 matrix products on Ampere and newer GPUs (faster); no effect on CPU.")
+    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None,
+                        help="Keep at most this many checkpoints (the newest); None: all.")
     parser.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder.')
     parser.add_argument("--validation_steps", type=int, default=None, help="Save a grid of val masks and images "
                                                                             "every N steps.")
-    parser.add_argument("--num_validation_images", type=int, default=4)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present).")
-    args = parser.parse_args(input_args)
+    parser.add_argument("--num_validation_images", type=int, default=4, help="Masks (and images) per validation.")
+    parser.add_argument("--device", default=None, help="cpu or cuda; None: cuda if present.")
+    return parser
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    args = parse_with_config(build_parser(), input_args, "train_pix2pix")
+    args.train_data_dir = dataset_folder(args.train_data_dir, args.dataset_name)
+    if args.center_crop:
+        args.fit = "crop"
     try:
-        args.generator_channels = [int(part) for part in args.generator_channels.split(",")]
+        args.generator_channels = [int(part) for part in str(args.generator_channels).split(",")]
     except ValueError:
         raise ValueError(f"--generator_channels: expected integers separated by commas, got "
                          f"{args.generator_channels!r}") from None
@@ -155,7 +175,7 @@ def run_record(args, resolution: int, channels: int, global_step: int) -> RunRec
     return RunRecord(base_model="", resolution=resolution, script="train_pix2pix", conditioning="none",
                      unet_train_mode="none", fit=args.fit, channels=channels, generator="pix2pix",
                      train_data_dir=str(Path(args.train_data_dir).resolve()), split=args.split, steps=global_step,
-                     seed=args.seed, arguments=vars(args))
+                     seed=args.seed, mixed_precision="no", arguments=vars(args))  # always fp32
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,12 +191,15 @@ def main(args: argparse.Namespace) -> dict:
 
 def train(args: argparse.Namespace) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_tf32(args.allow_tf32)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     output_dir = Path(args.output_dir)
 
     # 1. Data: every pair checked and held in memory.
     folder = DatasetFolder(args.train_data_dir)
     rows = training_rows(folder, args.split, args.max_train_samples)
+    args.max_train_steps = train_steps(args.max_train_steps, args.num_train_epochs,
+                                       epoch_steps(len(rows), args.train_batch_size), DEFAULT_TRAIN_STEPS)
     channels = image_channels(folder, rows)
     images, masks = load_pairs(folder, args.split, rows, args.resolution, channels, args.fit)
 

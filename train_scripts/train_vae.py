@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from medaug.console import reporting_errors
 from medaug.data import DatasetFolder, MedicalImageDataset
 from medaug.outputs import output_lock, writable_folder
+from medaug.training.arguments import (HelpFormatter, add_config_flag, dataset_folder, epoch_steps, parse_with_config,
+                                       positive_int, set_tf32, train_steps)
 from medaug.training.run_folder import first_process
 from medaug.training.checkpoint import (load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
@@ -33,29 +35,49 @@ from medaug.training.data_order import EpochPermutationSampler, step_generator
 from medaug.training.loss_log import LOSS_HISTORY, LossHistory
 
 logger = logging.getLogger("medaug.train_vae")
+DEFAULT_TRAIN_STEPS = 1000
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    add_config_flag(parser)
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="Local base folder with vae/.")
+    parser.add_argument("--train_data_dir", default=None,
+                        help="Dataset folder with metadata.csv/jsonl (required unless --dataset_name names one).")
+    parser.add_argument("--dataset_name", default=None,
+                        help="diffusers' flag: here a local dataset folder, used as --train_data_dir.")
+    parser.add_argument("--output_dir", default=None,
+                        help="Where to write the trained VAE; None: back into the base folder's vae/.")
+    parser.add_argument("--resolution", type=int, default=None, help="Square training size; None: the VAE's "
+                                                                     "sample_size.")
+    parser.add_argument("--fit", choices=("pad", "crop", "stretch"), default="pad", help="How images become square.")
+    parser.add_argument("--center_crop", action="store_true", help="diffusers' flag: the same as --fit crop.")
+    parser.add_argument("--train_batch_size", type=int, default=8, help="Images per step.")
+    parser.add_argument("--max_train_steps", type=int, default=None,
+                        help=f"Steps; None: --num_train_epochs passes, else {DEFAULT_TRAIN_STEPS}.")
+    parser.add_argument("--num_train_epochs", type=positive_int, default=None,
+                        help="Passes over the training split, used when --max_train_steps is not given.")
+    parser.add_argument("--learning_rate", type=float, default=2e-4, help="AdamW learning rate.")
+    parser.add_argument("--kl_weight", type=float, default=1e-6, help="Weight of the KL term.")
+    parser.add_argument("--ssim_weight", type=float, default=0.2, help="Weight of the SSIM loss beside L1.")
+    parser.add_argument("--allow_tf32", action="store_true",
+                        help="Allow TensorFloat-32 matrix products on Ampere and newer GPUs (faster); no effect on CPU.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of data order and sampling noise.")
+    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=2,
+                        help="Keep at most this many checkpoints (the newest).")
+    parser.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder.')
+    parser.add_argument("--checkpoint_dir", default=None, help="Where checkpoints go; None: <base>/vae_checkpoints.")
+    parser.add_argument("--max_eval_images", type=int, default=None,
+                        help="Evaluate on the first N test images; None: all.")
+    return parser
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="Local base folder with vae/.")
-    parser.add_argument("--train_data_dir", required=True, help="Dataset folder with metadata.csv/jsonl.")
-    parser.add_argument("--output_dir", default=None,
-                        help="Where to write the trained VAE; default: back into the base folder's vae/.")
-    parser.add_argument("--resolution", type=int, default=None, help="Default: the VAE's sample_size.")
-    parser.add_argument("--fit", choices=("pad", "crop", "stretch"), default="pad")
-    parser.add_argument("--train_batch_size", type=int, default=8)
-    parser.add_argument("--max_train_steps", type=int, default=1000)
-    parser.add_argument("--learning_rate", type=float, default=2e-4)
-    parser.add_argument("--kl_weight", type=float, default=1e-6)
-    parser.add_argument("--ssim_weight", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpointing_steps", type=int, default=500)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
-    parser.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder.')
-    parser.add_argument("--checkpoint_dir", default=None, help="Default: <base>/vae_checkpoints.")
-    parser.add_argument("--max_eval_images", type=int, default=None, help="Evaluate on the first N test images.")
-    args = parser.parse_args(input_args)
+    args = parse_with_config(build_parser(), input_args, "train_vae")
+    args.train_data_dir = dataset_folder(args.train_data_dir, args.dataset_name)
+    if args.center_crop:
+        args.fit = "crop"
     base = Path(args.pretrained_model_name_or_path)
     if not (base / "vae" / "config.json").is_file():
         raise ValueError(f"--pretrained_model_name_or_path: {base} has no vae/ folder (a local base is needed: the "
@@ -114,6 +136,7 @@ def train(args: argparse.Namespace) -> dict:
     from monai.losses import SSIMLoss
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_tf32(args.allow_tf32)
     base = Path(args.pretrained_model_name_or_path)
     output_dir = Path(args.output_dir) if args.output_dir else base / "vae"
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else base / "vae_checkpoints"
@@ -130,6 +153,8 @@ def train(args: argparse.Namespace) -> dict:
     if args.max_eval_images:
         test.indices = test.indices[: args.max_eval_images]
     before = evaluate(vae.eval(), test)
+    args.max_train_steps = train_steps(args.max_train_steps, args.num_train_epochs,
+                                       epoch_steps(len(train), args.train_batch_size), DEFAULT_TRAIN_STEPS)
 
     # 2. Optimizer, data order, resume.
     vae.train()

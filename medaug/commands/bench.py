@@ -10,6 +10,7 @@ from rich.table import Table
 
 from medaug.console import console, errors, fail, progress_bar
 from medaug.outputs import output_lock
+from medaug.training.arguments import COMMAND_CONFIG_HELP, config_callback
 
 TASKS = ("seg", "cls")
 
@@ -65,6 +66,8 @@ def bench_command(
     allow_unknown_provenance: Annotated[bool, typer.Option(
         "--allow_unknown_provenance", help="Use synthetic rows that no manifest.jsonl line vouches for (source, "
         "split, run and image hash); the report then says test-split leakage cannot be ruled out.")] = False,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", is_eager=True, callback=config_callback, help=COMMAND_CONFIG_HELP)] = None,
 ) -> None:
     """Train MONAI models on real, real+synthetic, synthetic-only and classically augmented data; score them on
     the real test split with means, 95% CIs over seeds and paired tests against real-only."""

@@ -19,8 +19,10 @@ def demo_command(
     output_dir: Annotated[Path, typer.Option("--output_dir", help="Folder for every stage's outputs and "
                                              "report.html; running again resumes unfinished stages.")] = Path(
         "medaug-demo"),
+    max_train_samples: Annotated[Optional[int], typer.Option(
+        "--max_train_samples", min=2, help="Use the first N training rows (keeps real data quick).")] = None,
     max_train_images: Annotated[Optional[int], typer.Option(
-        "--max_train_images", min=2, help="Use the first N training rows (keeps real data quick).")] = None,
+        "--max_train_images", min=2, hidden=True, help="Old name of --max_train_samples.")] = None,
     resolution: Annotated[int, typer.Option("--resolution", help="Diffusion training and generation size.")] = (
         DemoSettings.resolution),
     finetune_steps: Annotated[int, typer.Option("--finetune_steps", min=1)] = DemoSettings.finetune_steps,
@@ -47,7 +49,10 @@ def demo_command(
     OUT/report.html."""
     from medaug.demo import DemoError, run_demo
 
-    settings = DemoSettings(max_train_images=max_train_images, resolution=resolution, finetune_steps=finetune_steps,
+    if max_train_images is not None and max_train_samples not in (None, max_train_images):
+        fail("--max_train_images is the old name of --max_train_samples; give one")
+    settings = DemoSettings(max_train_samples=max_train_samples if max_train_samples is not None else max_train_images,
+                            resolution=resolution, finetune_steps=finetune_steps,
                             controlnet_steps=controlnet_steps, generator=generator, consistency=consistency,
                             seg_epochs=seg_epochs,
                             seg_seeds=seg_seeds)

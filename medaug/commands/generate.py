@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from medaug.console import console, fail, progress_bar
+from medaug.training.arguments import COMMAND_CONFIG_HELP, config_callback
 
 
 def generate_command(
@@ -62,6 +63,8 @@ def generate_command(
     controlnet: Annotated[Optional[Path], typer.Option(
         "--controlnet", help="A ControlNet trained elsewhere: the folder ControlNetModel.save_pretrained writes; "
                              "with --base_model, no --model_dir.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", is_eager=True, callback=config_callback, help=COMMAND_CONFIG_HELP)] = None,
 ) -> None:
     """Generate images (with the masks they were made for) into a dataset folder with a provenance manifest.
 

@@ -9,6 +9,7 @@ import typer
 
 from medaug.console import console, fail
 from medaug.outputs import output_lock
+from medaug.training.arguments import COMMAND_CONFIG_HELP, config_callback
 
 study_app = typer.Typer(help="Low-data studies: does synthetic data help when labels are scarce?",
                         no_args_is_help=True)
@@ -59,6 +60,8 @@ def study_seg_command(
                                                          "(default 2000).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Every stage, tiny (tiny models, a few steps, one seed): "
                                         "checks the chain in minutes, measures nothing.")] = False,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", is_eager=True, callback=config_callback, help=COMMAND_CONFIG_HELP)] = None,
 ) -> None:
     """Train every generator on each real subset only, generate (optionally new mask shapes, optionally filtered by
     label fidelity), train the segmentation arms at equal optimiser steps, and report Dice with paired CIs."""

@@ -48,7 +48,7 @@ def _finished(run_dir: Path) -> bool:
 def training_flags(settings: GeneratorSettings, data: Path, output_dir: Path, steps: int, cache: Path) -> list:
     """The flags finetune.py and train_controlnet.py share here (resuming from a checkpoint that is there)."""
     return ["--train_data_dir", data, "--resolution", settings.resolution, "--report_to", "none",
-            "--seed", settings.seed, "--cache_dir", cache, "--output_dir", output_dir, "--max_train_steps", steps,
+            "--seed", settings.seed, "--latent_cache_dir", cache, "--output_dir", output_dir, "--max_train_steps", steps,
             "--train_batch_size", settings.batch_size, "--checkpointing_steps", min(250, steps),
             "--checkpoints_total_limit", 1, *rerun_flags(output_dir)]
 

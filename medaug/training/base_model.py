@@ -28,16 +28,18 @@ def check_xformers(requested: bool) -> None:
                          "(pip install 'medaug[xformers]', CUDA only); without the flag PyTorch SDPA is used")
 
 
-def load_base(base: str, prediction_type: str | None = None):
-    """(tokenizer, text_encoder, vae, unet, noise_scheduler) of a base, every module frozen."""
+def load_base(base: str, prediction_type: str | None = None, cache_dir: str | None = None):
+    """(tokenizer, text_encoder, vae, unet, noise_scheduler) of a base, every module frozen; `cache_dir` is the
+    Hugging Face Hub cache a Hub name is read through (None: the Hub's default)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", use_safetensors=True)
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", use_safetensors=True)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", use_safetensors=True)
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", cache_dir=cache_dir)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", use_safetensors=True,
+                                                 cache_dir=cache_dir)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", use_safetensors=True, cache_dir=cache_dir)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", use_safetensors=True, cache_dir=cache_dir)
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", cache_dir=cache_dir)
     if prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=prediction_type)
     for frozen in (vae, text_encoder, unet):

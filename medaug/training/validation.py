@@ -1,12 +1,16 @@
-"""Validation images during training: sample with the model as it is now and save a PNG grid."""
+"""Validation images during training: sample with the model as it is now, save a PNG grid and send the images to
+the trackers chosen with --report_to."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+logger = logging.getLogger("medaug.validation")
 
 
 def sample_images(
@@ -63,3 +67,25 @@ def save_grid(images: np.ndarray, path: str | Path) -> Path:
     grid = (np.clip(image_grid(images), 0, 1) * 255).round().astype(np.uint8)
     Image.fromarray(grid).save(path)
     return path
+
+
+def log_to_trackers(trackers, images: np.ndarray, step: int, tag: str = "validation") -> list[str]:
+    """Send (N, H, W, 3) images in [0, 1] to each accelerate tracker: TensorBoard's image panel, wandb's media
+    panel, any other tracker through its `log_images`; returns the names of the trackers that got them."""
+    images = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
+    sent = []
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, images, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image((image * 255).round().astype(np.uint8), caption=f"{tag} {index}")
+                               for index, image in enumerate(images)]}, step=step)
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({tag: list(images)}, step=step)
+        else:
+            logger.info("validation images: the %s tracker takes no images", tracker.name)
+            continue
+        sent.append(tracker.name)
+    return sent
