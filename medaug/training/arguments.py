@@ -76,10 +76,9 @@ def dataset_folder(train_data_dir: str | None, dataset_name: str | None) -> str:
         return train_data_dir
     if not Path(dataset_name).expanduser().is_dir():
         raise ValueError(f"--dataset_name {dataset_name}: medaug reads local dataset folders, not the Hugging Face "
-                         "Hub (these machines are offline). Where the Hub is reachable, export it once: "
-                         "datasets.load_dataset(NAME, split=\"train\"), save each image to a file and write "
-                         "metadata.csv with file_name (and text, mask_file_name, ...); then pass that folder as "
-                         "--train_data_dir")
+                         "Hub (these machines are offline). Where the Hub is reachable, save it once in imagefolder's "
+                         "split layout: OUT/train/, OUT/validation/, each with its image files and a metadata.csv "
+                         "naming them in file_name (plus text, mask_file_name, ...); then pass OUT as --train_data_dir")
     if train_data_dir is not None and Path(train_data_dir).resolve() != Path(dataset_name).resolve():
         raise ValueError(f"--dataset_name {dataset_name} and --train_data_dir {train_data_dir} name different "
                          "folders; give one")
