@@ -164,6 +164,12 @@ def test_config_names_and_values_are_checked(tiny_model_dir, phantom_dir, tmp_pa
     with pytest.raises(SystemExit):
         finetune.parse_args([*base_flags(tiny_model_dir, phantom_dir), "--config", str(config)])
     assert "argument --fit: invalid choice: 'zoom'" in capsys.readouterr().err
+    config.write_text("push_to_hub: false\nrank: 2\n")  # a diffusers config's switched-off flag is no refusal
+    assert finetune.parse_args([*base_flags(tiny_model_dir, phantom_dir), "--config", str(config)]).rank == 2
+    config.write_text("push_to_hub: true\n")
+    with pytest.raises(SystemExit):
+        finetune.parse_args([*base_flags(tiny_model_dir, phantom_dir), "--config", str(config)])
+    assert "argument --push_to_hub: medaug never uploads" in capsys.readouterr().err
     config.write_text("- a list\n")
     with pytest.raises(ValueError, match="must hold a mapping"):
         finetune.parse_args(["--config", str(config)])

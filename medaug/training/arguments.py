@@ -187,7 +187,7 @@ def config_flags(parser: argparse.ArgumentParser, mapping: dict, source) -> list
 
 
 def _tokens(name: str, value, action: argparse.Action) -> list[str]:
-    if value is None:
+    if value is None or (isinstance(action, RefusedFlag) and value is False):  # diffusers configs: push_to_hub: false
         return []
     if action.nargs == 0:  # a switch: true turns it on, false leaves it off
         return [f"--{name}"] if value else []
