@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Channels of the U-Net's levels (one halving between levels).")
     parser.add_argument("--random_flip", action="store_true", help="Flip image and mask together at random.")
     parser.add_argument("--allow_tf32", action="store_true",
-                        help="Allow TensorFloat-32 matrix products on Ampere and newer GPUs (faster); no effect on CPU.")
+                        help="Allow TensorFloat-32 matrix products on Ampere and newer GPUs (faster); none on CPU.")
     parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
     parser.add_argument("--checkpoints_total_limit", type=int, default=None,
                         help="Keep at most this many checkpoints (the newest); None: all.")

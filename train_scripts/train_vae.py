@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kl_weight", type=float, default=1e-6, help="Weight of the KL term.")
     parser.add_argument("--ssim_weight", type=float, default=0.2, help="Weight of the SSIM loss beside L1.")
     parser.add_argument("--allow_tf32", action="store_true",
-                        help="Allow TensorFloat-32 matrix products on Ampere and newer GPUs (faster); no effect on CPU.")
+                        help="Allow TensorFloat-32 matrix products on Ampere and newer GPUs (faster); none on CPU.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of data order and sampling noise.")
     parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
     parser.add_argument("--checkpoints_total_limit", type=int, default=2,
