@@ -92,3 +92,14 @@ def test_every_imported_package_is_declared(wheel, wheel_names):
             undeclared[module] = where
     assert undeclared == {}, f"imported but not declared in pyproject.toml: {undeclared}"
     assert {"timm", "tensorboard", "pyarrow", "transformers", "peft"} <= declared
+
+
+def test_every_source_module_is_in_the_wheel(wheel_names):
+    """A package folder left out of pyproject's explicit list would import from a checkout and be missing from an
+    installed wheel."""
+    root = REPO_ROOT
+    folders = {"medaug": "medaug", "pipelines": "medaug/pipelines", "segmentation": "medaug/segmentation",
+               "train_scripts": "medaug/scripts"}
+    expected = {f"{installed}/{path.relative_to(root / source).as_posix()}"
+                for source, installed in folders.items() for path in (root / source).rglob("*.py")}
+    assert expected - wheel_names == set()
