@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from medaug.data.folder import is_dataset_folder
 from medaug.files import write_json_atomic
 from medaug.outputs import folder_entries
 from medaug.training.run_scripts import rerun_flags, run_script
@@ -291,8 +292,8 @@ def run_demo(output_dir: str | Path, data: str | Path | None = None, settings: D
                         f"{', '.join(GENERATORS)}")
     output_dir = Path(output_dir)
     data = Path(data) if data is not None else None
-    if data is not None and not (data / "metadata.csv").is_file() and not (data / "metadata.jsonl").is_file():
-        raise DemoError(f"--data: {data} is not a dataset folder (no metadata.csv or metadata.jsonl)")
+    if data is not None and not is_dataset_folder(data):
+        raise DemoError(f"--data: {data} is not a dataset folder (no metadata file, at its top or in split folders)")
     open_demo_folder(output_dir, data, settings, overwrite)
     demo = Demo(output_dir, data, settings)
     records = {}

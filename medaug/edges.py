@@ -17,6 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from medaug.data.folder import METADATA_NAMES
+
 MASK_METHODS = ("mask_boundary", "mask_filled", "fused")
 # Options each method accepts; `edge_map` refuses others by name instead of failing deep inside OpenCV.
 METHOD_OPTIONS = {
@@ -218,7 +220,7 @@ def edge_file_name(file_name: str, slice_index: int | None) -> str:
 def _prepare_output(dataset_root: Path, output_dir: Path, overwrite: bool) -> None:
     if output_dir.resolve() == dataset_root:
         raise FileExistsError(f"{output_dir} is the source dataset folder; choose another folder")
-    existing = [output_dir / name for name in ("metadata.csv", "metadata.jsonl") if (output_dir / name).exists()]
+    existing = [output_dir / name for name in METADATA_NAMES if (output_dir / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{output_dir} already holds a dataset ({existing[0].name}); "
                               "choose another folder or pass overwrite")

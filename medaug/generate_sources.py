@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from medaug.data import DatasetError, DatasetFolder
+from medaug.data.folder import is_dataset_folder
 
 EDGE_COLUMN = "conditioning_image_file_name"
 
@@ -63,7 +64,7 @@ def plan_sources(record, condition, model_dir: Path, flag: str | None, path, spl
     if flag == "--edges" and not controlnet:
         raise ValueError(f"--edges: {model_dir} has no controlnet/, so edge maps cannot steer it; give a "
                          "train_controlnet.py output folder, or --from_masks/--from_images for conditions only")
-    if flag == "--edges" and not any((path / name).is_file() for name in ("metadata.csv", "metadata.jsonl")):
+    if flag == "--edges" and not is_dataset_folder(path):
         return _plain_edge_sources(path, kind, resolution, max_sources, prompt), "precomputed"
     try:
         folder = DatasetFolder(path)

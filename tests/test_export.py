@@ -83,6 +83,18 @@ def test_export_loads_in_hf_with_its_splits_and_masks_as_images(tmp_path, load_i
     assert loaded["test"][0]["mask"] is None and loaded["test"][0]["text"] == "scan 3"
 
 
+def test_medaug_reads_its_own_export_back(tmp_path):
+    source = flat_dataset(tmp_path / "source")
+    export_imagefolder(source, tmp_path / "hf")
+    original, exported = DatasetFolder(source), DatasetFolder(tmp_path / "hf")  # metadata.parquet per split
+    assert [exported.split(i) for i in range(len(exported))] == ["train", "train", "val", "test"]
+    for i in range(len(original)):
+        np.testing.assert_array_equal(read_array(exported.path(i, "file_name")),
+                                      read_array(original.path(i, "file_name")))
+        assert exported.value(i, "text") == original.value(i, "text")
+    assert exported.value(3, "mask_file_name") == ""  # the empty mask cell of the test row stays empty
+
+
 def test_export_converts_nifti_slices_and_dicom_to_png_with_their_pixels(tmp_path, load_imagefolder):
     from pydicom.data import get_testdata_file
 

@@ -115,7 +115,7 @@ def test_empty_split_is_refused(tmp_path, write_dataset):
 
 
 def test_missing_metadata_and_both_metadata_files(tmp_path, write_dataset):
-    with pytest.raises(DatasetError, match="no metadata.csv or metadata.jsonl"):
+    with pytest.raises(DatasetError, match="no metadata.csv, metadata.jsonl or metadata.parquet"):
         DatasetFolder(tmp_path)
     write_dataset(good_rows(tmp_path))
     write_dataset(good_rows(tmp_path), name="metadata.jsonl")
@@ -283,5 +283,5 @@ def test_split_layout_refuses_a_split_folder_without_metadata_or_file_name(tmp_p
     with pytest.raises(DatasetError, match=r"(?s)test/metadata.csv: 1 problem.*column 'file_name': required column"):
         DatasetFolder(tmp_path)
     (tmp_path / "test" / "metadata.csv").unlink()
-    with pytest.raises(DatasetError, match="split folder test/ has no metadata.csv or metadata.jsonl, unlike train/"):
+    with pytest.raises(DatasetError, match="split folder test/ has no metadata.csv, metadata.jsonl or metadata.parquet, unlike train/"):
         DatasetFolder(tmp_path)

@@ -62,9 +62,9 @@ def export_imagefolder(dataset_dir: str | Path, output_dir: str | Path, overwrit
 def _prepare_output(dataset_root: Path, output_dir: Path, overwrite: bool) -> None:
     if output_dir.resolve() == dataset_root:
         raise FileExistsError(f"{output_dir} is the source dataset folder; choose another folder")
-    existing = [output_dir / name for name in METADATA_NAMES + (HF_METADATA_NAME,)]
+    existing = [output_dir / name for name in METADATA_NAMES]
     existing += [output_dir / split / name for split in ("train", "validation", "val", "test")
-                 for name in METADATA_NAMES + (HF_METADATA_NAME,)]
+                 for name in METADATA_NAMES]
     existing = [path for path in existing if path.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{output_dir} already holds a dataset ({existing[0].relative_to(output_dir)}); "

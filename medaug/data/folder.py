@@ -13,6 +13,7 @@ in `scan`, so that `medaug inspect` can list all of them in one pass.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("file_name",)
 IMAGE_COLUMNS = ("file_name", "mask_file_name", "conditioning_image_file_name")
 PATH_COLUMNS = IMAGE_COLUMNS + ("embedding_file_name",)
-METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
+METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")  # parquet: as `medaug export` writes
+METADATA_CHOICES = "metadata.csv, metadata.jsonl or metadata.parquet"
 # Hugging Face `imagefolder`'s split folders, and the medaug split of their rows.
 SPLIT_FOLDERS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
 
@@ -92,6 +94,12 @@ def metadata_files(folder: Path) -> list[Path]:
     return [folder / name for name in METADATA_NAMES if (folder / name).is_file()]
 
 
+def is_dataset_folder(path: str | Path) -> bool:
+    """Whether `path` holds a metadata file, at its top or in Hugging Face's split subfolders."""
+    path = Path(path)
+    return path.is_dir() and bool(metadata_files(path) or split_folders(path))
+
+
 def split_folders(root: Path) -> dict[str, Path]:
     """The split subfolders (`train/`, `validation/` or `val/`, `test/`) of `root` that hold a metadata file."""
     return {name: root / name for name in SPLIT_FOLDERS if metadata_files(root / name)}
@@ -110,20 +118,27 @@ def read_metadata(root: str | Path) -> tuple[pd.DataFrame, Path]:
         raise DatasetError(root, [Problem("dataset folder not found")])
     present = metadata_files(root)
     if not present:
-        raise DatasetError(root, [Problem(f"no {' or '.join(METADATA_NAMES)} in the folder")])
+        raise DatasetError(root, [Problem(f"no {METADATA_CHOICES} in the folder")])
     if len(present) > 1:
-        raise DatasetError(root, [Problem("both metadata.csv and metadata.jsonl exist; keep one")])
+        raise DatasetError(root, [Problem(f"{' and '.join(p.name for p in present)} exist; keep one")])
     path = present[0]
     try:
         if path.suffix == ".csv":
             table = pd.read_csv(path, dtype=str, keep_default_na=False)
         else:
-            table = pd.read_json(path, lines=True, dtype=False)
+            table = _read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True, dtype=False)
             table = table.astype(object).where(table.notna(), "").astype(str)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as error:
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError, OSError) as error:
         raise DatasetError(path, [Problem(f"cannot parse the table: {error}")]) from error
     table.columns = [str(column).strip() for column in table.columns]
     return table.reset_index(drop=True), path
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    """A metadata.parquet (as `medaug export` writes in each split folder); pyarrow is an optional extra."""
+    if importlib.util.find_spec("pyarrow") is None:
+        raise DatasetError(path, [Problem("reading metadata.parquet needs pyarrow: pip install 'medaug[parquet]'")])
+    return pd.read_parquet(path)
 
 
 def check_table(table: pd.DataFrame, path: Path) -> None:
@@ -145,7 +160,7 @@ def read_split_layout(root: Path, folders: dict[str, Path]) -> tuple[pd.DataFram
     if "validation" in folders and "val" in folders:
         problems.append(Problem("both validation/ and val/ hold metadata; keep one"))
     bare = [name for name in SPLIT_FOLDERS if (root / name).is_dir() and name not in folders]
-    problems += [Problem(f"split folder {name}/ has no {' or '.join(METADATA_NAMES)}, unlike "
+    problems += [Problem(f"split folder {name}/ has no {METADATA_CHOICES}, unlike "
                          f"{', '.join(f'{other}/' for other in folders)}") for name in bare]
     if problems:
         raise DatasetError(root, problems)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medaug.data.folder import is_dataset_folder
 from medaug.files import write_json_atomic
 from medaug.lowdata.filter import FilterRule, keep_pairs
 from medaug.lowdata.generators import GENERATORS, GeneratorSettings, generate_pairs, train_generator
@@ -244,8 +245,8 @@ def run_lowdata_study(data: str | Path, output_dir: str | Path, settings: LowDat
 
     settings.check()
     data, output_dir = Path(data), Path(output_dir)
-    if not (data / "metadata.csv").is_file() and not (data / "metadata.jsonl").is_file():
-        raise LowDataStudyError(f"--data: {data} holds no metadata.csv or metadata.jsonl")
+    if not is_dataset_folder(data):
+        raise LowDataStudyError(f"--data: {data} holds no metadata.csv, metadata.jsonl or split folders with one")
     open_study(output_dir, data, settings)
     say = on_stage or (lambda text: None)
     say("subsets")
