@@ -27,7 +27,7 @@ SUBCOMMANDS = {
                  "--fit", "--kid_subset_size", "--memorisation_space", "--seed", "--fidelity_segmenter",
                  "--fidelity_epochs", "--fidelity_resolution"],
     "train-encoder": ["--output_dir", "--split", "--max_train_steps", "--train_batch_size", "--learning_rate",
-                      "--resolution", "--overwrite", "--channels", "--device", "--fit", "--max_images", "--seed",
+                      "--resolution", "--overwrite", "--channels", "--device", "--fit", "--max_train_samples", "--seed",
                       "--temperature"],
     "bench": ["--data", "--synthetic", "--output_dir", "--network", "--resolution", "--epochs", "--seeds",
               "--synthetic_ratios", "--real_fractions", "--arms", "--batch_size", "--learning_rate",

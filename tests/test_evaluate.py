@@ -140,10 +140,13 @@ def test_train_encoder_on_busi_writes_an_encoder_that_evaluate_uses(tmp_path):
 
     data = busi_subset(tmp_path / "busi")
     encoder_dir = tmp_path / "encoder"
+    conflict, text = invoke("train-encoder", data, "--output_dir", encoder_dir, "--max_images", 4,
+                            "--max_train_samples", 5)
+    assert conflict.exit_code == 2 and "--max_images is the old name of --max_train_samples" in text
     result, text = invoke("train-encoder", data, "--output_dir", encoder_dir, "--max_train_steps", 3,
-                          "--train_batch_size", 4, "--resolution", 64)
+                          "--train_batch_size", 4, "--resolution", 64, "--max_images", 5)  # the old name still works
     assert result.exit_code == 0, text
-    assert "on 6 images (1 channel(s), 64 px)" in text
+    assert "on 5 images (1 channel(s), 64 px)" in text
     assert (encoder_dir / "diffusion_pytorch_model.safetensors").is_file()
     assert len((encoder_dir / "training_log.jsonl").read_text().splitlines()) == 3
     again, text = invoke("train-encoder", data, "--output_dir", encoder_dir)

@@ -27,8 +27,10 @@ def train_encoder_command(
     = None,
     temperature: Annotated[float, typer.Option("--temperature", help="Temperature of SimCLR's loss.")] = 0.2,
     fit: Annotated[str, typer.Option("--fit", help="How images become square: pad, crop or stretch.")] = "pad",
-    max_images: Annotated[Optional[int], typer.Option("--max_images", min=2, help="Train on a seeded random "
-                                                      "subset of at most this many images.")] = None,
+    max_train_samples: Annotated[Optional[int], typer.Option(
+        "--max_train_samples", min=2, help="Train on a seeded random subset of at most this many images.")] = None,
+    max_images: Annotated[Optional[int], typer.Option(
+        "--max_images", min=2, hidden=True, help="Old name of --max_train_samples.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for weights, batches and augmentations.")] = 0,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if present).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an encoder already in --output_dir.")]
@@ -43,6 +45,9 @@ def train_encoder_command(
 
     if (output_dir / "config.json").exists() and not overwrite:
         fail(f"--output_dir: {output_dir} already holds an encoder; choose another folder or pass --overwrite")
+    if max_images is not None and max_train_samples not in (None, max_images):
+        fail("--max_images is the old name of --max_train_samples; give one")
+    max_train_samples = max_train_samples if max_train_samples is not None else max_images
     if channels not in (None, 1, 3):
         fail(f"--channels must be 1 or 3, got {channels}")
     if fit not in ("pad", "crop", "stretch"):
@@ -50,7 +55,7 @@ def train_encoder_command(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         channels = channels or set_channels(open_image_set(dataset_dir, split, "DATASET_DIR"))[0]
-        images = load_training_images(dataset_dir, split, channels, resolution, fit, max_images)
+        images = load_training_images(dataset_dir, split, channels, resolution, fit, max_train_samples)
     except (DatasetError, ImageReadError, ValueError) as error:
         fail(f"DATASET_DIR: {error}")
     console.print(f"training a SimCLR encoder on {images.shape[0]} images ({channels} channel(s), "
@@ -69,7 +74,7 @@ def train_encoder_command(
     arguments = {"dataset_dir": str(dataset_dir), "split": split, "images": int(images.shape[0]),
                  "max_train_steps": max_train_steps, "train_batch_size": train_batch_size,
                  "learning_rate": learning_rate, "resolution": resolution, "channels": channels,
-                 "temperature": temperature, "fit": fit, "max_images": max_images, "seed": seed}
+                 "temperature": temperature, "fit": fit, "max_train_samples": max_train_samples, "seed": seed}
     (output_dir / "medaug_args.json").write_text(json.dumps(arguments, indent=2), encoding="utf-8")
     window = max(1, len(losses) // 10)
     console.print(f"loss {sum(losses[:window]) / window:.3f} (first {window} steps) -> "
