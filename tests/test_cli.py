@@ -40,7 +40,7 @@ SUBCOMMANDS = {
     "ssl": ["--data", "--output_dir", "--method", "--policies", "--clahe", "--no_clahe", "--label_column",
             "--positive_label", "--ignore_labels", "--synthetic", "--synthetic_policies", "--allow_unknown_provenance",
             "--resolution", "--steps", "--supervised_steps", "--supervised_policy", "--batch_size", "--learning_rate",
-            "--seeds", "--gradcam_images", "--device"],
+            "--seeds", "--gradcam_images", "--device", "--config"],
     "generate": ["--model_dir", "--output_dir", "--edges", "--from_masks", "--from_images", "--prompt",
                  "--embeddings_file", "--split", "--num_per_source", "--num_inference_steps", "--guidance_scale",
                  "--controlnet_conditioning_scale", "--scheduler", "--seed", "--batch_size", "--resolution",

@@ -150,3 +150,17 @@ def test_a_synthetic_pool_from_test_sources_is_refused_before_any_run(phantom_di
     with pytest.raises(StudyError, match="generated from test-split source"):
         _study(phantom_dir, tmp_path / "study", synthetic=str(synthetic))
     assert not (tmp_path / "study" / "runs").exists()
+
+
+def test_the_ssl_command_takes_a_config_file_and_command_line_flags_win(phantom_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from medaug.cli import app
+
+    (tmp_path / "ssl.yaml").write_text("method: simclr\npolicies: crop\nseeds: '0'\nresolution: 32\nsteps: 1\n"
+                                       "supervised_steps: 1\nbatch_size: 4\ngradcam_images: 1\n")
+    result = CliRunner().invoke(app, ["ssl", "--data", str(phantom_dir), "--output_dir", str(tmp_path / "out"),
+                                      "--config", str(tmp_path / "ssl.yaml"), "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "out" / "ssl_settings.json").read_text())
+    assert settings["policies"] == "crop" and settings["resolution"] == 32 and settings["pretrain"]["steps"] == 2

@@ -9,6 +9,7 @@ import typer
 
 from medaug.console import console, progress_bar
 from medaug.outputs import output_lock
+from medaug.training.arguments import COMMAND_CONFIG_HELP, config_callback
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -63,6 +64,8 @@ def ssl_command(
                                                 "per encoder in the report.")] = 4,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if present).")
                       ] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", is_eager=True, callback=config_callback, help=COMMAND_CONFIG_HELP)] = None,
 ) -> None:
     """Train one encoder per method and policy on unlabelled images, probe it, compare with supervised."""
     import torch
