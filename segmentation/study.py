@@ -273,31 +273,12 @@ def save_overlay_predictions(model, items: list[dict], path: Path, resolution: i
     np.savez_compressed(path, masks=masks, file_names=np.array([item["file_name"] for item in items], dtype=str))
 
 
-def _segmentation_outcome(common: dict, run_dir: Path, test_items: list[dict]) -> dict:
-    """train_segmentation's result, keeping the model long enough to save its predictions for the report."""
-    import time
-
-    import torch
-
-    from medaug.segmentation.common import evaluation_batches
-    from medaug.segmentation.train_seg import fit_segmenter, predict_and_score, summarise_segmentation
-
-    started = time.perf_counter()
-    options = {key: value for key, value in common.items() if key not in ("test_items", "train_items", "val_items")}
-    model, fitted = fit_segmenter(common["train_items"], common["val_items"], **options)
-    batches = evaluation_batches(test_items, common["resolution"], common["channels"], common["fit"], True,
-                                 common["batch_size"])
-    per_image = predict_and_score(model, batches, torch.device(common["device"]))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_overlay_predictions(model, overlay_items(test_items), run_dir / OVERLAY_FILE, common["resolution"],
-                             common["channels"], common["fit"], torch.device(common["device"]))
-    return {"per_image": per_image, "metrics": summarise_segmentation(per_image), **fitted,
-            "seconds": time.perf_counter() - started}
-
-
 def _train_run(data: StudyData, run: Run, settings: dict, output_dir: Path, device, gradcam_images: int,
                on_epoch) -> dict:
+    import torch
+
     from medaug.segmentation.train_cls import train_classification
+    from medaug.segmentation.train_seg import train_segmentation
 
     real, synthetic = training_items(data, run)
     common = dict(
@@ -308,7 +289,12 @@ def _train_run(data: StudyData, run: Run, settings: dict, output_dir: Path, devi
     )
     run_dir = output_dir / "runs" / run.run_id
     if settings["task"] == "seg":
-        outcome = _segmentation_outcome(common, run_dir, data.test)
+        def save_predictions(model) -> None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_overlay_predictions(model, overlay_items(data.test), run_dir / OVERLAY_FILE, common["resolution"],
+                                     common["channels"], common["fit"], torch.device(common["device"]))
+
+        outcome = train_segmentation(**common, on_model=save_predictions)
     else:
         outcome = train_classification(classes=data.classes, gradcam_dir=run_dir / "gradcam",
                                        gradcam_images=gradcam_images, **common)

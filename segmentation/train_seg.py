@@ -35,13 +35,17 @@ def train_segmentation(
     augment: bool = False,
     device: torch.device | str = "cpu",
     on_epoch: Callable[[int, float], None] | None = None,
+    on_model: Callable[[torch.nn.Module], None] | None = None,
 ) -> dict:
-    """Train on `train_items` and return per-image test scores, their means and the training history."""
+    """Train on `train_items` and return per-image test scores, their means and the training history;
+    `on_model(model)` sees the trained model before it is dropped (the study saves predictions to show)."""
     if not test_items:
         raise ValueError("train_segmentation needs training and test items")
     started = time.perf_counter()
     model, fitted = fit_segmenter(train_items, val_items, network, resolution, channels, fit, epochs, batch_size,
                                   learning_rate, seed, augment, device, on_epoch)
+    if on_model is not None:
+        on_model(model)
     test_batches = evaluation_batches(test_items, resolution, channels, fit, True, batch_size)
     per_image = predict_and_score(model, test_batches, torch.device(device))
     return {"per_image": per_image, "metrics": summarise_segmentation(per_image), **fitted,
