@@ -15,4 +15,8 @@ def __getattr__(name: str):
         from medaug.models.pix2pix import Pix2PixGenerator
 
         return Pix2PixGenerator
+    if name in ("GanGenerator", "ConvVAE"):  # MedaugGeneratorPipeline's image_generator
+        from medaug.models import autoencoder, gan
+
+        return getattr(gan if name == "GanGenerator" else autoencoder, name)
     raise AttributeError(f"module 'medaug' has no attribute '{name}'")

@@ -27,7 +27,8 @@ SCHEDULERS = {
 
 
 # The weights each non-diffusion generator family's run folder must hold.
-GENERATOR_FILES = {"pix2pix": "pix2pix/config.json"}
+GENERATOR_FILES = {"pix2pix": "pix2pix/config.json", "autoencoder": "autoencoder/config.json",
+                   "gan": "gan/config.json"}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what diffusers' save_pretrained writes in a model folder
 
 

@@ -51,7 +51,9 @@ class RunRecord:
     edge_method: str | None = None  # None with a ControlNet: edge maps were read from conditioning_image_column
     conditioning_image_column: str | None = None
     lora_dir: str | None = None  # the fine-tune a ControlNet run was built on
-    generator: str = "latent_diffusion"
+    generator: str = "latent_diffusion"  # or a family trained from nothing: "pix2pix", "gan", "autoencoder"
+    generator_condition: str = "none"  # gan/autoencoder: what images are drawn for: "none", "class" or "mask"
+    class_names: list = field(default_factory=list)  # generator_condition "class": the classes, as `label` holds them
     train_data_dir: str | None = None
     split: str = "train"
     steps: int = 0
@@ -206,8 +208,19 @@ With stock diffusers alone:
 """
 
 
+GENERATOR_PIPELINES = {"pix2pix": "MedaugPix2PixPipeline", "gan": "MedaugGeneratorPipeline",
+                       "autoencoder": "MedaugGeneratorPipeline"}
+
+
 def generator_card(record: RunRecord) -> str:
-    """The card of a generator trained from nothing (pix2pix): no base model, the mask is its only input."""
+    """The card of a generator trained from nothing (pix2pix, gan, autoencoder): no base model."""
+    condition = "mask" if record.generator == "pix2pix" else record.generator_condition
+    what, source, call = {
+        "mask": ("an image for a mask", "--from_masks DATASET_DIR", "mask_image=mask"),
+        "class": (f"an image of a class ({', '.join(record.class_names)})", "--from_images DATASET_DIR",
+                  f"class_labels=[\"{record.class_names[0] if record.class_names else ''}\"]"),
+    }.get(condition, ("an image from noise alone", "--from_images DATASET_DIR", "num_images=1"))
+    pipeline = GENERATOR_PIPELINES.get(record.generator, "MedaugGeneratorPipeline")
     return f"""---
 library_name: diffusers
 tags: [medaug, {record.generator}, medical-imaging]
@@ -216,17 +229,17 @@ tags: [medaug, {record.generator}, medical-imaging]
 # medaug run: {record.script}
 
 A {record.generator} generator trained from scratch on `{record.train_data_dir}` (split `{record.split}`) for
-{record.steps} steps at {record.resolution} px, seed {record.seed}; it draws an image for a mask
+{record.steps} steps at {record.resolution} px, seed {record.seed}; it draws {what}
 ({record.channels} channel(s)).
 
 ```bash
-medaug generate --model_dir RUN --from_masks DATASET_DIR --output_dir SYNTHETIC
+medaug generate --model_dir RUN {source} --output_dir SYNTHETIC
 ```
 
 ```python
-from medaug.pipelines import MedaugPix2PixPipeline
-pipe = MedaugPix2PixPipeline.from_medaug("RUN")
-image = pipe(mask_image=mask).images[0]
+from medaug.pipelines import {pipeline}
+pipe = {pipeline}.from_medaug("RUN")
+image = pipe({call}).images[0]
 ```
 
 `medaug_args.json` holds the full record (version {record.version}) and every flag of the run.
