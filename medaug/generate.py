@@ -28,7 +28,8 @@ import numpy as np
 
 from medaug.conditioning import Condition, condition_class, load_projection
 from medaug.data import MANIFEST_NAME, ManifestEntry, append_manifest, to_channels
-from medaug.generate_sources import Source, plan_sources
+from medaug.generate_sources import (GENERATOR_FAMILIES, Source, generator_sources, own_training_source,
+                                     plan_sources)
 from medaug.outputs import output_lock
 from medaug.run_loader import SCHEDULERS, check_run_files
 from medaug.run_record import RECORD_NAME, RunRecord, read_run_record
@@ -90,7 +91,7 @@ def model_identity(model_dir: Path) -> str:
 
     parts = []
     for name in (RECORD_NAME, "pytorch_lora_weights.safetensors", "unet", "condition_encoder", "controlnet",
-                 "pix2pix"):
+                 "pix2pix", *GENERATOR_FAMILIES):
         path = model_dir / name
         files = sorted(path.rglob("*")) if path.is_dir() else [path]
         parts += [file_identity(file) for file in files if file.is_file()]
@@ -117,6 +118,7 @@ def plan_generation(model_dir, edges=None, from_masks=None, from_images=None, pr
     model_dir = Path(_model_folder(model_dir, base_model, lora_weights, controlnet)).resolve()
     record = read_run_record(model_dir, base_model)
     check_run_files(model_dir, record)
+    given = given or own_training_source(record, model_dir)
     resolution = int(resolution or record.resolution)
     if resolution < 8 or resolution % 8:
         raise ValueError(f"--resolution {resolution}: must be a positive multiple of 8")
@@ -124,9 +126,11 @@ def plan_generation(model_dir, edges=None, from_masks=None, from_images=None, pr
     flag, path = next(iter(given.items()), (None, None))
     sources, edge_method = plan_sources(record, condition, model_dir, flag, path, split, resolution, max_sources,
                                         prompt)
+    sources = generator_sources(record, model_dir, flag, sources)
     if draws_for_masks(record) and any(source.mask_path is None for source in sources):
-        raise ValueError(f"{flag or '--prompt'}: {model_dir} draws each image for a mask (a mask-channel UNet or "
-                         "pix2pix); give --from_masks with a dataset whose rows have masks")
+        raise ValueError(f"{flag or '--prompt'}: {model_dir} draws each image for a mask (a mask-channel UNet, "
+                         "pix2pix, or a gan or autoencoder with --condition mask); give --from_masks with a dataset "
+                         "whose rows have masks")
     settings = {
         "model_dir": str(model_dir), "model_identity": model_identity(model_dir), "conditioning": record.conditioning,
         "source": flag.lstrip("-") if flag else None, "source_dir": str(Path(path).resolve()) if path else None,
@@ -155,7 +159,7 @@ def _model_folder(model_dir, base_model, lora_weights, controlnet) -> Path:
 
 def draws_for_masks(record: RunRecord) -> bool:
     """Whether the run's generator takes the mask itself as input (not an edge map of it)."""
-    return bool(record.unet_mask_channels) or record.generator == "pix2pix"
+    return bool(record.unet_mask_channels) or record.generator == "pix2pix" or record.generator_condition == "mask"
 
 
 def planning_condition(model_dir: Path, record: RunRecord, prompt, embeddings_file) -> Condition:
@@ -188,6 +192,10 @@ def _batch_inputs(plan: Plan, batch: list[Job]) -> tuple[dict, list[str], list[s
     arguments = {"condition": values}
     prompts = [plan.condition.value_text(value) for value in values]
     parts = [[part] if (part := plan.condition.value_bytes(value)) is not None else [] for value in values]
+    if plan.record.generator_condition == "class":  # a class-conditioned gan or autoencoder: the row's label
+        arguments["class_labels"] = [plan.sources[job.source].label for job in batch]
+        for part, label in zip(parts, arguments["class_labels"]):
+            part.append(label.encode("utf-8"))
     if draws_for_masks(plan.record):
         masks = {job.source: plan.sources[job.source].fitted_mask(plan.settings["resolution"], plan.settings["fit"])
                  for job in batch}
@@ -235,11 +243,16 @@ def my_batches(jobs: list[Job], batch_size: int, done: set[str], process_index: 
 
 
 def load_pipeline(plan: Plan, device):
-    """The model folder as MedaugPipeline or MedaugControlNetPipeline, with the run's scheduler, on `device`."""
-    from medaug.pipelines import MedaugControlNetPipeline, MedaugMaskPipeline, MedaugPipeline, MedaugPix2PixPipeline
+    """The model folder as the pipeline of its generator family (for latent diffusion MedaugPipeline,
+    MedaugMaskPipeline or MedaugControlNetPipeline, with the run's scheduler), on `device`."""
+    from medaug.pipelines import (MedaugControlNetPipeline, MedaugGeneratorPipeline, MedaugMaskPipeline,
+                                  MedaugPipeline, MedaugPix2PixPipeline)
 
-    if plan.record.generator == "pix2pix":
-        pipeline = MedaugPix2PixPipeline.from_medaug(plan.settings["model_dir"])
+    if plan.record.generator in ("pix2pix", *GENERATOR_FAMILIES):
+        family = MedaugPix2PixPipeline if plan.record.generator == "pix2pix" else MedaugGeneratorPipeline
+        pipeline = family.from_medaug(plan.settings["model_dir"])
+        if family is MedaugGeneratorPipeline:
+            pipeline.check_size(plan.settings["resolution"], plan.settings["resolution"])
         pipeline.set_progress_bar_config(disable=True)
         return pipeline.to(device)
     pipeline_class = (MedaugControlNetPipeline if plan.controlnet else

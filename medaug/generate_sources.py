@@ -139,3 +139,57 @@ def _plain_edge_sources(path: Path, kind: str, resolution: int, max_sources: int
                              f"{resolution}x{resolution} (--resolution); edge maps of a plain folder must be at "
                              "the output size")
     return [Source(file_name=file.name, split="", condition=prompt, edge_file=file) for file in files]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GAN and autoencoder runs: images drawn from noise, for a class or a mask where trained so
+# ---------------------------------------------------------------------------------------------------------
+
+GENERATOR_FAMILIES = ("gan", "autoencoder")
+
+
+def own_training_source(record, model_dir: Path) -> dict[str, str]:
+    """The source of a GAN or autoencoder run given none: its own training rows (the record's train_data_dir), as
+    if named by --from_images; {} for other runs. A mask-conditioned run needs --from_masks, named."""
+    if record.generator not in GENERATOR_FAMILIES:
+        return {}
+    if record.generator_condition == "mask":
+        raise ValueError(f"--from_masks: {model_dir} draws each image for a mask (--condition mask); give "
+                         "--from_masks DATASET_DIR with the masks to draw for")
+    if not record.train_data_dir or not Path(record.train_data_dir).is_dir():
+        raise ValueError(f"--from_images: {model_dir} was trained on {record.train_data_dir}, which is not there; "
+                         "give --from_images DATASET_DIR, whose rows name the sources")
+    return {"--from_images": record.train_data_dir}
+
+
+def generator_sources(record, model_dir: Path, flag: str | None, sources: list[Source]) -> list[Source]:
+    """What a GAN or autoencoder's images carry from their source rows (other runs' sources are returned as they
+    are): the mask only where the image was drawn for it (--condition mask); the label where it was drawn for it
+    (class) or for the mask; an unconditional image shows nothing of its row, which only names its provenance, so
+    it carries no mask, label or text."""
+    if record.generator not in GENERATOR_FAMILIES:
+        return sources
+    condition = record.generator_condition
+    if flag == "--from_masks" and condition != "mask":
+        raise ValueError(f"--from_masks: {model_dir} (a {record.generator} with --condition {condition}) does not "
+                         "draw images for masks, and its images would carry masks they do not show; use "
+                         "--from_images")
+    if condition == "class":
+        _check_labels(record, model_dir, flag, sources)
+    for source in sources:
+        if condition != "mask":
+            source.mask_path = None
+        if condition == "none":
+            source.label = source.text = ""
+    return sources
+
+
+def _check_labels(record, model_dir: Path, flag: str | None, sources: list[Source]) -> None:
+    """Every source row's `label` is one of the classes the run learned."""
+    for source in sources:
+        if source.label not in record.class_names:
+            folder = source.folder
+            where = f"{folder.metadata_path} {folder.describe_row(source.row)}" if folder is not None else "a source"
+            raise ValueError(f"{flag} {where}, column 'label': '{source.label}' is not a class of {model_dir} "
+                             f"({', '.join(record.class_names)}); a class-conditioned {record.generator} draws each "
+                             "image for its source row's label")

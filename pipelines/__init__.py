@@ -7,8 +7,10 @@
 """
 
 from .medaug_controlnet_pipeline import MedaugControlNetPipeline
+from .medaug_generator_pipeline import MedaugGeneratorPipeline
 from .medaug_mask_pipeline import MedaugMaskPipeline
 from .medaug_pipeline import MedaugPipeline
 from .medaug_pix2pix_pipeline import MedaugPix2PixPipeline
 
-__all__ = ["MedaugControlNetPipeline", "MedaugMaskPipeline", "MedaugPipeline", "MedaugPix2PixPipeline"]
+__all__ = ["MedaugControlNetPipeline", "MedaugGeneratorPipeline", "MedaugMaskPipeline", "MedaugPipeline",
+           "MedaugPix2PixPipeline"]
