@@ -19,7 +19,7 @@ from medaug.scripts import finetune, train_pix2pix
 from medaug.training.arguments import RefusedFlag, epoch_steps, train_steps
 from medaug.training.validation import log_to_trackers
 
-SCRIPTS = ("finetune", "train_controlnet", "train_vae", "train_pix2pix")
+SCRIPTS = ("finetune", "train_controlnet", "train_vae", "train_pix2pix", "train_autoencoder", "train_gan")
 runner = CliRunner()
 
 
