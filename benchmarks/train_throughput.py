@@ -8,11 +8,15 @@ The baseline does per step what diffusers' `train_text_to_image_lora.py` example
 images with the VAE (`latent_dist.sample() * scaling_factor`) and its prompts with the text encoder, fp32,
 PEFT LoRA on the UNet's attention projections, DDPM noise and timesteps, MSE on epsilon, AdamW. It is
 written here from that description, not copied. finetune.py runs its default path: cached latents and text
-features, LoRA, `--mixed_precision no`. Both arms get the same from-scratch base, the same rows (the first
+features, cached unconditional embedding, LoRA, `--mixed_precision auto` (bf16 autocast where the device computes
+bf16 natively, with fp32 trained weights); a third arm, finetune_fp32, runs the same with `--mixed_precision no`, to
+show what the precision buys apart from the rest. The arms get the same from-scratch base, the same rows (the first
 steps x batch training rows, each seen once), batch, steps and LoRA rank, and each runs in its own
 subprocess so that its peak memory is its own. Timed steps exclude one-off setup; finetune.py's cache fill
 (VAE and text encoder over every row, a fresh cache each run) is reported beside them. With --repeats N the
-arms run N times each, alternating which goes first, and medians are reported (a shared machine is noisy).
+arms run N times each, rotating which goes first, and medians are reported with the spread (a shared machine is
+noisy). Quality: each arm's mean loss over its last half of steps (same rows, seed and schedule), printed beside the
+speed. The JSON's top-level "ratio" holds finetune.py's default against the baseline per preset.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "busi"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+ARMS = ("finetune", "finetune_fp32", "baseline")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,7 +150,7 @@ def load_finetune():
     return finetune
 
 
-def run_finetune_arm(options) -> dict:
+def run_finetune_arm(options, precision: str = "auto") -> dict:
     finetune = load_finetune()
 
     class TimedCache(finetune.TensorCache):
@@ -165,12 +170,12 @@ def run_finetune_arm(options) -> dict:
             "--output_dir", str(work / "finetune-out"), "--latent_cache_dir", str(work / "finetune-cache"),
             "--max_train_steps", str(options.steps), "--train_batch_size", str(options.batch_size),
             "--max_train_samples", str(options.steps * options.batch_size), "--rank", str(options.rank),
-            "--seed", str(options.seed), "--mixed_precision", "no", "--report_to", "none",
+            "--seed", str(options.seed), "--mixed_precision", precision, "--report_to", "none",
             "--checkpointing_steps", "1000000"]
     started = time.perf_counter()
     summary = finetune.main(finetune.parse_args(args))
     wall = time.perf_counter() - started
-    return {"losses": summary["losses"], "train_seconds": summary["train_seconds"],
+    return {"losses": summary["losses"], "train_seconds": summary["train_seconds"], "precision": precision,
             "steps_per_second": summary["steps_per_second"], "cache_fill_seconds": TimedCache.seconds,
             "setup_seconds": wall - summary["train_seconds"] - TimedCache.seconds,
             "cache_computed": summary["computed"], "resolution": summary["resolution"]}
@@ -178,7 +183,9 @@ def run_finetune_arm(options) -> dict:
 
 def run_arm(options) -> None:
     """Entry of an arm's subprocess: train, then add this process's peak memory and write JSON."""
-    result = (run_finetune_arm if options.arm == "finetune" else run_baseline_arm)(options)
+    arms = {"finetune": run_finetune_arm, "finetune_fp32": lambda o: run_finetune_arm(o, "no"),
+            "baseline": run_baseline_arm}
+    result = arms[options.arm](options)
     result["images_per_second"] = result["steps_per_second"] * options.batch_size
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     result["torch_threads"] = torch.get_num_threads()
@@ -250,6 +257,8 @@ def summarise_runs(runs: list[dict]) -> dict:
                            "cache_fill_seconds")}
     summary["peak_rss_mib"] = max(run["peak_rss_mib"] for run in runs)
     summary["images_per_second_runs"] = [run["images_per_second"] for run in runs]
+    summary["spread"] = [min(summary["images_per_second_runs"]), max(summary["images_per_second_runs"])]
+    summary["late_loss"] = statistics.mean(statistics.mean(run["losses"][len(run["losses"]) // 2:]) for run in runs)
     for key in ("resolution", "torch_threads", "cache_computed", "trainable_parameters", "losses"):
         if key in runs[0]:
             summary[key] = runs[0][key]
@@ -262,10 +271,10 @@ def compare_preset(preset: str, steps: int, data: Path, scratch: Path, options) 
 
     base = scratch / f"base-{preset}"
     description = init_model(base, preset=preset, prompts=training_prompts(data))
-    runs = {"finetune": [], "baseline": []}
+    runs = {arm: [] for arm in ARMS}
     for repeat in range(options.repeats):
-        # Alternate which arm goes first, so a neighbour's job on a shared machine does not load one arm only.
-        for arm in ("finetune", "baseline") if repeat % 2 == 0 else ("baseline", "finetune"):
+        # Rotate which arm goes first, so a neighbour's job on a shared machine does not load one arm only.
+        for arm in ARMS[repeat % len(ARMS):] + ARMS[:repeat % len(ARMS)]:
             work = scratch / f"{preset}-{arm}-{repeat}"  # a fresh cache each time: every fill is timed
             work.mkdir()
             runs[arm].append(spawn_arm(arm, base, data, work, steps, options))
@@ -275,21 +284,26 @@ def compare_preset(preset: str, steps: int, data: Path, scratch: Path, options) 
                            f"({arms['finetune']['resolution']} and {arms['baseline']['resolution']} px)")
     return {"resolution": arms["baseline"]["resolution"], "steps": steps, "batch_size": options.batch_size,
             "rank": options.rank, "repeats": options.repeats, "parameters": description["parameters"], **arms,
-            "ratio_finetune_vs_baseline": arms["finetune"]["images_per_second"] / arms["baseline"]["images_per_second"]}
+            "ratio_finetune_vs_baseline": arms["finetune"]["images_per_second"] / arms["baseline"]["images_per_second"],
+            "ratio_finetune_fp32_vs_baseline": (arms["finetune_fp32"]["images_per_second"]
+                                                / arms["baseline"]["images_per_second"])}
 
 
 def print_table(results: dict) -> None:
-    print(f"{'preset':7} {'px':>4} {'steps':>5} {'batch':>5} {'runs':>4} {'finetune img/s':>15} "
-          f"{'baseline img/s':>15} {'ratio':>6} {'cache fill s':>12} {'finetune RSS MiB':>16} {'baseline RSS MiB':>16}")
+    print(f"{'preset':7} {'px':>4} {'steps':>5} {'batch':>5} {'runs':>4} {'arm':>13} {'img/s (spread)':>20} "
+          f"{'ratio':>6} {'late loss':>9} {'cache fill s':>12} {'RSS MiB':>8}")
     for preset, row in results["presets"].items():
-        finetune, baseline = row["finetune"], row["baseline"]
-        print(f"{preset:7} {row['resolution']:4d} {row['steps']:5d} {row['batch_size']:5d} {row['repeats']:4d} "
-              f"{finetune['images_per_second']:15.2f} {baseline['images_per_second']:15.2f} "
-              f"{row['ratio_finetune_vs_baseline']:6.2f} {finetune['cache_fill_seconds']:12.2f} "
-              f"{finetune['peak_rss_mib']:16.0f} {baseline['peak_rss_mib']:16.0f}")
-    print("images/s are medians over runs; each run:")
+        for arm in ARMS:
+            summary = row[arm]
+            ratio = summary["images_per_second"] / row["baseline"]["images_per_second"]
+            print(f"{preset:7} {row['resolution']:4d} {row['steps']:5d} {row['batch_size']:5d} {row['repeats']:4d} "
+                  f"{arm:>13} {summary['images_per_second']:8.2f} ({summary['spread'][0]:.2f}-"
+                  f"{summary['spread'][1]:.2f}) {ratio:6.2f} {summary['late_loss']:9.4f} "
+                  f"{summary['cache_fill_seconds']:12.2f} {summary['peak_rss_mib']:8.0f}")
+    print("images/s are medians over runs; ratio against the baseline; late loss: mean loss over the last half of "
+          "the steps, averaged over runs; each run:")
     for preset, row in results["presets"].items():
-        for arm in ("finetune", "baseline"):
+        for arm in ARMS:
             print(f"  {preset} {arm}: " + ", ".join(f"{value:.2f}" for value in row[arm]["images_per_second_runs"]))
 
 
@@ -312,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         for preset, steps in options.steps.items():
             results["presets"][preset] = compare_preset(preset, steps, data, scratch, options)
     results["load_average_at_end"] = list(os.getloadavg())
+    results["ratio"] = {preset: row["ratio_finetune_vs_baseline"] for preset, row in results["presets"].items()}
     print_table(results)
     Path(options.output).write_text(json.dumps(results, indent=2) + "\n")
     return results

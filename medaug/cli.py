@@ -35,7 +35,8 @@ def env_command(
     for name, version in report["packages"].items():
         table.add_row(name, version or "[red]not installed[/]")
     for key in ("python", "platform", "cuda_available", "cuda_version", "gpus", "bf16_supported",
-                "sdpa_available", "xformers_installed", "xformers_version", "cpu_threads"):
+                "sdpa_available", "xformers_installed", "xformers_version", "cpu_threads", "usable_cores",
+                "medaug_threads", "medaug_threads_reason", "cpu_bf16_native", "generate_precision_cpu"):
         table.add_row(key, str(report[key]))
     console.print(table)
 

@@ -172,7 +172,14 @@ class TextCondition(Condition):
         return features
 
     def unconditional_embedding(self, batch: int) -> torch.Tensor:
-        return self.features([""]).expand(batch, -1, -1)
+        """The empty prompt's hidden states: encoded once while the text encoder is frozen (training reads it on
+        every step for condition dropout), on every call while it trains."""
+        if any(parameter.requires_grad for parameter in self.text_encoder.parameters()):
+            return self.features([""]).expand(batch, -1, -1)
+        if getattr(self, "_unconditional", None) is None:
+            with torch.no_grad():
+                self._unconditional = self.features([""])
+        return self._unconditional.expand(batch, -1, -1)
 
     def value_text(self, value) -> str:
         return value

@@ -20,6 +20,7 @@ from pathlib import Path
 from medaug.data.folder import is_dataset_folder
 from medaug.files import write_json_atomic
 from medaug.outputs import folder_entries
+from medaug.speed import DEFAULT_STEPS
 from medaug.training.run_scripts import rerun_flags, run_script
 
 STAGE_FOLDER = "stages"
@@ -43,7 +44,7 @@ class DemoSettings:
     train_batch_size: int = 8
     edge_method: str = "mask_boundary"
     num_per_source: int = 2
-    inference_steps: int = 20
+    inference_steps: int = DEFAULT_STEPS  # medaug generate's default sampler (DPM-Solver++)
     guidance_scale: float = 3.0
     encoder_steps: int = 60
     seg_resolution: int = 64

@@ -37,4 +37,15 @@ def environment_report() -> dict:
         "xformers_version": package_version("xformers"),
         "cpu_threads": torch.get_num_threads(),
     }
+    report.update(speed_report())
     return report
+
+
+def speed_report() -> dict:
+    """What medaug's heavy commands would choose now (medaug.speed): threads from the idle cores, precision."""
+    from medaug.speed import cpu_flags, native_bf16, resolve_precision, thread_choice, usable_cores
+
+    threads, reason = thread_choice()
+    return {"usable_cores": usable_cores(), "medaug_threads": threads, "medaug_threads_reason": reason,
+            "cpu_bf16_native": native_bf16("cpu"), "cpu_bf16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
+            "generate_precision_cpu": resolve_precision("auto", "cpu")}

@@ -33,6 +33,7 @@ from medaug.generate_sources import (GENERATOR_FAMILIES, Source, generator_sourc
 from medaug.outputs import output_lock
 from medaug.run_loader import SCHEDULERS, check_run_files
 from medaug.run_record import RECORD_NAME, RunRecord, read_run_record
+from medaug.speed import DEFAULT_SCHEDULER, DEFAULT_STEPS, autocast, choose_threads, resolve_precision
 from medaug.synthetic import (check_output_folder, finished_files, prepare_output_folder, write_array_png,
                               write_metadata)
 
@@ -99,8 +100,8 @@ def model_identity(model_dir: Path) -> str:
 
 
 def plan_generation(model_dir, edges=None, from_masks=None, from_images=None, prompt=None, embeddings_file=None,
-                    split="train", num_per_source=1, num_inference_steps=30, guidance_scale=3.0,
-                    controlnet_conditioning_scale=1.0, scheduler="ddim", seed=0, resolution=None,
+                    split="train", num_per_source=1, num_inference_steps=DEFAULT_STEPS, guidance_scale=3.0,
+                    controlnet_conditioning_scale=1.0, scheduler=DEFAULT_SCHEDULER, seed=0, resolution=None,
                     max_sources=None, base_model=None, lora_weights=None, controlnet=None) -> Plan:
     """Check the flags, the model folder and the source, and list the jobs; raises ValueError naming the flag,
     file or column at fault. Without `model_dir`, the model is `base_model` with a diffusers-format LoRA file
@@ -279,16 +280,19 @@ def process_state():
 def generate(model_dir: str | Path | None, output_dir: str | Path, edges: str | Path | None = None,
              from_masks: str | Path | None = None, from_images: str | Path | None = None, prompt: str | None = None,
              embeddings_file: str | Path | None = None, split: str = "train", num_per_source: int = 1,
-             num_inference_steps: int = 30, guidance_scale: float = 3.0, controlnet_conditioning_scale: float = 1.0,
-             scheduler: str = "ddim", seed: int = 0, batch_size: int = 4, resolution: int | None = None,
-             resume: bool = False, overwrite: bool = False, max_sources: int | None = None,
+             num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = 3.0,
+             controlnet_conditioning_scale: float = 1.0, scheduler: str = DEFAULT_SCHEDULER, seed: int = 0,
+             batch_size: int = 4, resolution: int | None = None, resume: bool = False, overwrite: bool = False,
+             max_sources: int | None = None,
              base_model: str | Path | None = None, lora_weights: str | Path | None = None,
-             controlnet: str | Path | None = None, progress: Callable[[int], None] | None = None,
-             on_start: Callable[[int], None] | None = None) -> dict:
+             controlnet: str | Path | None = None, precision: str = "auto",
+             progress: Callable[[int], None] | None = None, on_start: Callable[[int], None] | None = None) -> dict:
     """Generate a synthetic dataset folder; return {written, skipped, total, seconds, images_per_second, ...}.
 
     Raises ValueError (or FileNotFoundError, FileExistsError) naming the flag or file at fault before any file
-    is written. `on_start(jobs)` is told how many jobs this process has left, `progress(n)` as they finish.
+    is written. `precision` (medaug.speed.PRECISIONS): "auto" samples in bf16 autocast where the device computes
+    bf16 natively; the resolved precision is recorded with the folder's settings. `on_start(jobs)` is told how
+    many jobs this process has left, `progress(n)` as they finish.
     """
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
@@ -298,15 +302,24 @@ def generate(model_dir: str | Path | None, output_dir: str | Path, edges: str | 
                            num_inference_steps, guidance_scale, controlnet_conditioning_scale, scheduler, seed,
                            resolution, max_sources, base_model, lora_weights, controlnet)
     state = process_state()
+    plan.settings["precision"] = generation_precision(plan.record, precision, state.device)
     with output_lock(output_dir, enabled=state.is_main_process):  # one run writes a folder at a time
         check_output_folder(output_dir, plan.settings, resume, overwrite, GROWABLE)
         return _generate_into(output_dir, plan, state, batch_size, overwrite, progress, on_start)
+
+
+def generation_precision(record: RunRecord, precision: str, device) -> str:
+    """The precision a run samples at: --precision resolved for the device (medaug.speed) for latent diffusion;
+    the generators trained from nothing (pix2pix and the like) are one cheap pass and stay fp32."""
+    resolved = resolve_precision(precision, device)
+    return resolved if record.generator == "latent_diffusion" else "fp32"
 
 
 def _generate_into(output_dir: Path, plan: Plan, state, batch_size: int, overwrite: bool,
                    progress: Callable[[int], None] | None, on_start: Callable[[int], None] | None) -> dict:
     import torch
 
+    threads, thread_reason = choose_threads()
     loading = time.perf_counter()
     pipeline = load_pipeline(plan, state.device)
     load_seconds = time.perf_counter() - loading
@@ -325,10 +338,11 @@ def _generate_into(output_dir: Path, plan: Plan, state, batch_size: int, overwri
         generators = [torch.Generator().manual_seed(job.seed) for job in batch]
         extra = ({"controlnet_conditioning_scale": plan.settings["controlnet_conditioning_scale"]}
                  if plan.controlnet else {})
-        images = pipeline(**arguments, num_inference_steps=plan.settings["num_inference_steps"],
-                          guidance_scale=plan.settings["guidance_scale"],
-                          generator=generators, height=plan.settings["resolution"],
-                          width=plan.settings["resolution"], output_type="np", **extra).images
+        with autocast(plan.settings["precision"], state.device):
+            images = pipeline(**arguments, num_inference_steps=plan.settings["num_inference_steps"],
+                              guidance_scale=plan.settings["guidance_scale"],
+                              generator=generators, height=plan.settings["resolution"],
+                              width=plan.settings["resolution"], output_type="np", **extra).images
         todo = [item for item in zip(batch, images, prompts, hashes) if item[0].file_name not in done]
         masks = {job.source: plan.sources[job.source].fitted_mask(plan.settings["resolution"], plan.settings["fit"])
                  for job, *_ in todo if job.mask_file_name}  # read once per source and batch
@@ -345,6 +359,7 @@ def _generate_into(output_dir: Path, plan: Plan, state, batch_size: int, overwri
     return {"written": written, "skipped": sum(job.file_name in done for job in plan.jobs),
             "total": len(plan.jobs), "seconds": seconds, "images_per_second": written / seconds if seconds > 0 else 0.0,
             "load_seconds": load_seconds, "processes": state.num_processes, "output_dir": str(output_dir),
+            "precision": plan.settings["precision"], "torch_threads": threads, "torch_threads_reason": thread_reason,
             "manifest": str(output_dir / MANIFEST_NAME)}
 
 

@@ -63,11 +63,25 @@ class MedaugConditionMixin:
         with torch.no_grad():
             hidden = encoder.hidden_states(encoder.value_features(next(iter(given.values()))).to(self._execution_device))
             if negative_prompt is None:
-                return hidden, encoder.unconditional_embedding(hidden.shape[0]).to(hidden.dtype)
+                negative = self._unconditional_embedding(encoder)
+                return hidden, negative.expand(hidden.shape[0], -1, -1).to(hidden.dtype)
             negatives = [negative_prompt] * hidden.shape[0] if isinstance(negative_prompt, str) else negative_prompt
             if len(negatives) != hidden.shape[0]:
                 raise ValueError(f"negative_prompt: {len(negatives)} given for {hidden.shape[0]} prompts")
             return hidden, encoder.hidden_states(encoder.value_features(negatives))
+
+
+    def _unconditional_embedding(self, encoder) -> torch.Tensor:
+        """The condition's unconditional embedding (1, tokens, dim), computed once and kept while the condition
+        modules' weights stay the same (fusing or loading a LoRA into them computes it again)."""
+        weights = tuple((parameter.data_ptr(), parameter._version) for name in CONDITION_MODULES
+                        if isinstance(module := getattr(self, name, None), torch.nn.Module)
+                        for parameter in module.parameters())
+        cached = getattr(self, "_unconditional_cache", None)
+        if cached is None or cached[0] != weights:
+            cached = (weights, encoder.unconditional_embedding(1).to(self._execution_device))
+            self._unconditional_cache = cached
+        return cached[1]
 
 
 class MedaugPipeline(MedaugConditionMixin, StableDiffusionPipeline):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +22,15 @@ def shared_dataset(name: str) -> Path:
     if not (path / "metadata.csv").is_file():
         pytest.skip(f"real dataset not found at {path} (set MEDAUG_SHARED_DATASETS to its parent folder)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state that refuses a second mixed precision: every test starts afresh, as
+    every `accelerate launch` does."""
+    yield
+    if "accelerate.state" in sys.modules:
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture

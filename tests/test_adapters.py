@@ -57,8 +57,10 @@ def written_images(output_dir):
 
 
 def generate(capsys, output_dir, *flags):
+    # Stock diffusers' sampler and precision (the base's DDIM, fp32), so that only the adapter loading differs.
     code, stderr = run_command(["medaug", "generate", "--output_dir", output_dir, "--num_inference_steps", "2",
-                                "--guidance_scale", "3", "--batch_size", "1", *flags], capsys)
+                                "--guidance_scale", "3", "--batch_size", "1", "--scheduler", "ddim", "--precision",
+                                "fp32", *flags], capsys)
     assert code == 0, stderr
     return written_images(output_dir)
 

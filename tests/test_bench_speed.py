@@ -36,7 +36,7 @@ def test_train_throughput_runs_both_arms_and_writes_positive_figures(phantom_dir
     assert results["data"] == str(phantom_dir) and results["device"] == "cpu"
     row = results["presets"]["tiny"]
     assert (row["resolution"], row["steps"], row["batch_size"], row["rank"]) == (64, 2, 2, 4)
-    for arm in ("finetune", "baseline"):
+    for arm in ("finetune", "finetune_fp32", "baseline"):
         figures = row[arm]
         for key in ("images_per_second", "steps_per_second", "train_seconds", "setup_seconds", "peak_rss_mib"):
             assert figures[key] > 0, (arm, key)
@@ -45,8 +45,10 @@ def test_train_throughput_runs_both_arms_and_writes_positive_figures(phantom_dir
         assert figures["images_per_second_runs"] == [figures["images_per_second"]] and len(figures["runs"]) == 1
     assert row["finetune"]["cache_computed"] == ["latents", "text-features"]  # a cold cache, filled and timed
     assert row["finetune"]["cache_fill_seconds"] > 0 and row["baseline"]["cache_fill_seconds"] == 0
-    assert row["ratio_finetune_vs_baseline"] == pytest.approx(
+    assert row["ratio_finetune_vs_baseline"] == results["ratio"]["tiny"] == pytest.approx(
         row["finetune"]["images_per_second"] / row["baseline"]["images_per_second"])
+    assert row["finetune_fp32"]["runs"][0]["precision"] == "no" and row["finetune"]["runs"][0]["precision"] == "auto"
+    assert all(math.isfinite(row[arm]["late_loss"]) for arm in ("finetune", "finetune_fp32", "baseline"))
 
 
 def test_baseline_loop_trains_only_its_lora_parameters(tiny_model_dir, phantom_dir):

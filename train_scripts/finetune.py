@@ -31,6 +31,7 @@ from medaug.data import DatasetFolder
 from medaug.embeddings import parse_shape
 from medaug.metrics.fidelity import FidelitySegmenter
 from medaug.run_record import RunRecord, write_run_record
+from medaug.speed import DEFAULT_STEPS, choose_threads, frozen_weight_dtype, training_precision
 from medaug.training.arguments import (HelpFormatter, add_config_flag, add_refused_diffusers_flags, dataset_folder,
                                        epoch_steps, parse_with_config, positive_int, set_tf32, train_steps)
 from medaug.training.base_model import (check_base_flag, check_xformers, load_base, resolve_resolution,
@@ -48,7 +49,7 @@ from medaug.training.loss import diffusion_loss
 from medaug.training.loss_log import LOSS_HISTORY, LossHistory
 from medaug.training.mask_channels import latent_masks, row_masks, widen_conv_in
 from medaug.training.run_folder import claimed_run_folder
-from medaug.training.validation import log_to_trackers, sample_images, save_grid
+from medaug.training.validation import log_to_trackers, sample_images, save_grid, validation_scheduler
 
 logger = logging.getLogger("medaug.finetune")
 # Arguments that define what a checkpoint holds: resuming with any of them changed is refused.
@@ -156,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradients are clipped to this norm.")
     train.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting (5.0 is typical).")
     train.add_argument("--noise_offset", type=float, default=0.0, help="Offset noise scale (0 turns it off).")
-    train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
-                       help="None: accelerate's configuration. The run record keeps the precision used.")
+    train.add_argument("--mixed_precision", choices=("auto", "no", "fp16", "bf16"), default="auto",
+                       help="auto: accelerate's configuration where `accelerate launch` sets one, else bf16 where the "
+                            "device computes it natively (CUDA, or a CPU with AVX512-BF16/AMX), else no. Trained "
+                            "weights stay fp32. The run record keeps the precision used.")
     train.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
     train.add_argument("--checkpoints_total_limit", type=int, default=None,
                        help="Keep at most this many checkpoints (the newest); None: all.")
@@ -173,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     validation.add_argument("--validation_prompt", default=None,
                             help="Prompt for text runs; None: prompts/conditions of the first val rows.")
     validation.add_argument("--num_validation_images", type=int, default=4, help="Images per validation.")
-    validation.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps.")
+    validation.add_argument("--validation_inference_steps", type=int, default=DEFAULT_STEPS,
+                            help="Denoising steps of medaug generate's default sampler (DPM-Solver++).")
     validation.add_argument("--validation_guidance_scale", type=float, default=3.0, help="Classifier-free guidance.")
     add_refused_diffusers_flags(parser)
     return parser
@@ -213,10 +217,7 @@ def check_flags(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 def log_validation(args, step, condition, folder, vae, unet, text_encoder, tokenizer, resolution, accelerator):
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                              cache_dir=args.cache_dir)
+    scheduler = validation_scheduler(args.pretrained_model_name_or_path, args.cache_dir)
     rows = validation_rows(folder, args.split, args.num_validation_images)
     hidden, negative = validation_embeddings(condition, folder, rows, accelerator.device, args.validation_prompt)
     masks = row_masks(folder, rows, resolution, args.fit) if args.mask_channels else None
@@ -281,14 +282,15 @@ def train(args: argparse.Namespace) -> dict:
         # of each training alone.
         cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=training_precision(args.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu"),
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir),
                                             logging_dir=str(output_dir / args.logging_dir)),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_tf32(args.allow_tf32)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    logger.info("torch threads %d (%s), mixed precision %s", *choose_threads(), accelerator.mixed_precision)
+    weight_dtype = frozen_weight_dtype(accelerator.mixed_precision, accelerator.device)
 
     # 1. Load the base model; check the data folder before anything slow.
     folder = DatasetFolder(args.train_data_dir)

@@ -38,6 +38,7 @@ from medaug.edges import EDGE_METHODS, MASK_METHODS, row_control_image
 from medaug.embeddings import parse_shape
 from medaug.run_loader import apply_run_weights
 from medaug.run_record import RunRecord, read_run_record, write_run_record
+from medaug.speed import DEFAULT_STEPS, choose_threads, frozen_weight_dtype, training_precision
 from medaug.training.arguments import (HelpFormatter, add_config_flag, add_refused_diffusers_flags, dataset_folder,
                                        epoch_steps, parse_with_config, positive_int, set_tf32, train_steps)
 from medaug.training.base_model import check_base_flag, check_xformers, load_base, resolve_resolution
@@ -52,7 +53,7 @@ from medaug.training.lora import LORA_WEIGHTS_NAME, UNET_TARGETS, add_lora
 from medaug.training.loss import diffusion_loss
 from medaug.training.loss_log import LOSS_HISTORY, LossHistory
 from medaug.training.run_folder import claimed_run_folder
-from medaug.training.validation import log_to_trackers, sample_images, save_grid
+from medaug.training.validation import log_to_trackers, sample_images, save_grid, validation_scheduler
 
 logger = logging.getLogger("medaug.controlnet")
 # ControlNet's conditioning embedding downsamples once per entry after the first; take as many entries as the
@@ -155,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradients are clipped to this norm.")
     train.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting (5.0 is typical).")
     train.add_argument("--noise_offset", type=float, default=0.0, help="Offset noise scale (0 turns it off).")
-    train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
-                       help="None: accelerate's configuration. The run record keeps the precision used.")
+    train.add_argument("--mixed_precision", choices=("auto", "no", "fp16", "bf16"), default="auto",
+                       help="auto: accelerate's configuration where `accelerate launch` sets one, else bf16 where the "
+                            "device computes it natively (CUDA, or a CPU with AVX512-BF16/AMX), else no. Trained "
+                            "weights stay fp32. The run record keeps the precision used.")
     train.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
     train.add_argument("--checkpoints_total_limit", type=int, default=None,
                        help="Keep at most this many checkpoints (the newest); None: all.")
@@ -172,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     validation.add_argument("--validation_prompt", default=None,
                             help="Prompt for text runs; None: prompts/conditions of the first val rows.")
     validation.add_argument("--num_validation_images", type=int, default=4, help="Images per validation.")
-    validation.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps.")
+    validation.add_argument("--validation_inference_steps", type=int, default=DEFAULT_STEPS,
+                            help="Denoising steps of medaug generate's default sampler (DPM-Solver++).")
     validation.add_argument("--validation_guidance_scale", type=float, default=3.0, help="Classifier-free guidance.")
     validation.add_argument("--controlnet_conditioning_scale", type=float, default=1.0,
                             help="How strongly the edge map steers validation images.")
@@ -300,10 +304,7 @@ def batch_control(args, control, folder, rows, indices, resolution, device, dtyp
 
 def log_validation(args, step, condition, folder, vae, unet, controlnet, text_encoder, tokenizer, resolution,
                    accelerator):
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                              cache_dir=args.cache_dir)
+    scheduler = validation_scheduler(args.pretrained_model_name_or_path, args.cache_dir)
     rows = validation_rows(folder, args.split, args.num_validation_images)
     hidden, negative = validation_embeddings(condition, folder, rows, accelerator.device, args.validation_prompt)
     control = control_images(args, folder, rows, resolution, progress=False).float() / 255.0
@@ -385,14 +386,15 @@ def train(args: argparse.Namespace) -> dict:
     accelerator = Accelerator(
         cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=training_precision(args.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu"),
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir),
                                             logging_dir=str(output_dir / args.logging_dir)),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_tf32(args.allow_tf32)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    logger.info("torch threads %d (%s), mixed precision %s", *choose_threads(), accelerator.mixed_precision)
+    weight_dtype = frozen_weight_dtype(accelerator.mixed_precision, accelerator.device)
 
     # 1. Base model with --lora_dir applied; the data folder and edge sources are checked first.
     folder = DatasetFolder(args.train_data_dir)
@@ -423,7 +425,6 @@ def train(args: argparse.Namespace) -> dict:
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     vae.to(accelerator.device)  # fp32: the VAE decodes to NaN in fp16 on some inputs
-    unet.to(accelerator.device, dtype=weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     for frozen in condition.frozen_modules():
         frozen.to(accelerator.device, dtype=weight_dtype)
@@ -440,7 +441,8 @@ def train(args: argparse.Namespace) -> dict:
 
     # 3. The ControlNet, and what of it trains.
     torch.manual_seed(args.seed + 1)
-    controlnet = build_controlnet(args, unet, vae)
+    controlnet = build_controlnet(args, unet, vae)  # copied from the fp32 UNet, before it is cast
+    unet.to(accelerator.device, dtype=weight_dtype)
     make_trainable(args, controlnet)
     if args.enable_xformers_memory_efficient_attention:
         controlnet.enable_xformers_memory_efficient_attention()
@@ -510,9 +512,10 @@ def train(args: argparse.Namespace) -> dict:
                 def predict(noisy, timesteps, hidden_states):
                     down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden_states,
                                            controlnet_cond=edges, return_dict=False)
-                    return unet(noisy, timesteps, hidden_states,
-                                down_block_additional_residuals=[r.to(weight_dtype) for r in down],
-                                mid_block_additional_residual=mid.to(weight_dtype)).sample
+                    with accelerator.autocast():  # the frozen UNet is not prepared, so not autocast by accelerate
+                        return unet(noisy, timesteps, hidden_states,
+                                    down_block_additional_residuals=[r.to(weight_dtype) for r in down],
+                                    mid_block_additional_residual=mid.to(weight_dtype)).sample
 
                 loss = diffusion_loss(predict, noise_scheduler, model_latents, hidden, generator, args.noise_offset,
                                       args.snr_gamma)

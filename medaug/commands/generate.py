@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from medaug.console import console, fail, progress_bar
+from medaug.speed import DEFAULT_SCHEDULER, DEFAULT_STEPS, PRECISIONS
 from medaug.training.arguments import COMMAND_CONFIG_HELP, config_callback
 
 
@@ -34,13 +35,19 @@ def generate_command(
     split: Annotated[str, typer.Option("--split", help="Rows of this split of the source give the images.")
                      ] = "train",
     num_per_source: Annotated[int, typer.Option("--num_per_source", min=1, help="Images per source row.")] = 1,
-    num_inference_steps: Annotated[int, typer.Option("--num_inference_steps", min=1)] = 30,
+    num_inference_steps: Annotated[int, typer.Option(
+        "--num_inference_steps", min=1, help="Denoising steps (the default sampler's quality at this count matched "
+                                             "20 DDIM steps: benchmarks/RESULTS.md).")] = DEFAULT_STEPS,
     guidance_scale: Annotated[float, typer.Option(
         "--guidance_scale", help="Classifier-free guidance; 1 turns it off.")] = 3.0,
     controlnet_conditioning_scale: Annotated[float, typer.Option(
         "--controlnet_conditioning_scale", help="How strongly the edge map steers (ControlNet models).")] = 1.0,
     scheduler: Annotated[str, typer.Option(
-        "--scheduler", help="ddim, ddpm, pndm, euler, euler_a, dpm++, unipc, lms or heun.")] = "ddim",
+        "--scheduler", help="ddim, ddpm, pndm, euler, euler_a, dpm++, unipc, lms or heun.")] = DEFAULT_SCHEDULER,
+    precision: Annotated[str, typer.Option(
+        "--precision", help=f"{', '.join(PRECISIONS)}. auto: bf16 autocast where the device computes bf16 natively "
+                            "(CUDA, or a CPU with AVX512-BF16/AMX), else fp32; `medaug env` shows the choice.")
+                         ] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Each image's seed derives from this and its job.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch_size", min=1, help="Images per denoising batch.")] = 4,
     resolution: Annotated[Optional[int], typer.Option(
@@ -86,7 +93,7 @@ def generate_command(
                 controlnet_conditioning_scale=controlnet_conditioning_scale, scheduler=scheduler, seed=seed,
                 batch_size=batch_size, resolution=resolution, resume=resume, overwrite=overwrite,
                 max_sources=max_sources, base_model=base_model, lora_weights=lora_weights, controlnet=controlnet,
-                on_start=lambda jobs: bar.update(task, total=jobs),
+                precision=precision, on_start=lambda jobs: bar.update(task, total=jobs),
                 progress=lambda n: bar.advance(task, n))
         except (ValueError, FileNotFoundError, FileExistsError) as error:  # DatasetError, EmbeddingError too
             fail(str(error))
@@ -94,4 +101,5 @@ def generate_command(
         console.print(f"wrote {summary['written']} images to {summary['output_dir']} "
                       f"({summary['skipped']} already there, {summary['total']} in all) in "
                       f"{summary['seconds']:.1f} s: {summary['images_per_second']:.2f} images/s "
-                      f"over {summary['processes']} process(es)", soft_wrap=True)
+                      f"over {summary['processes']} process(es), {summary['precision']}, "
+                      f"{summary['torch_threads']} torch thread(s) ({summary['torch_threads_reason']})", soft_wrap=True)

@@ -37,6 +37,10 @@ class GeneratorSettings:
     consistency: bool = True
     segmenter_epochs: int = 30
     inference_steps: int = 20
+    # The sampler the published study (benchmarks/RESULTS.md) ran with, kept so that its numbers reproduce;
+    # `medaug generate` itself defaults to a faster one (medaug.speed).
+    scheduler: str = "ddim"
+    precision: str = "fp32"
     guidance_scale: float = 3.0
     seed: int = 0
 
@@ -152,5 +156,6 @@ def generate_pairs(run_dir: Path, masks: Path, output_dir: Path, count: int, set
     per_source = max(1, math.ceil(count / max(1, sources)))
     summary = generate(run_dir, output_dir, from_masks=masks, split="train", num_per_source=per_source,
                        num_inference_steps=settings.inference_steps, guidance_scale=settings.guidance_scale,
-                       seed=settings.seed, batch_size=8, resume=True)
+                       scheduler=settings.scheduler, precision=settings.precision, seed=settings.seed, batch_size=8,
+                       resume=True)
     return {key: summary[key] for key in ("written", "skipped", "total", "seconds")}

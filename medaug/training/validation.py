@@ -13,6 +13,18 @@ from PIL import Image
 logger = logging.getLogger("medaug.validation")
 
 
+def validation_scheduler(base: str, cache_dir: str | None = None):
+    """`medaug generate`'s default sampler built from the base's scheduler config, so that validation images are
+    sampled as generated ones will be."""
+    from diffusers import DDIMScheduler
+
+    from medaug.run_loader import make_scheduler
+    from medaug.speed import DEFAULT_SCHEDULER
+
+    return make_scheduler(DEFAULT_SCHEDULER, DDIMScheduler.load_config(base, subfolder="scheduler",
+                                                                         cache_dir=cache_dir))
+
+
 def sample_images(
     vae, unet, scheduler, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
     num_inference_steps: int, guidance_scale: float, resolution: int, seed: int,

@@ -1,0 +1,155 @@
+"""Run-time speed choices shared by generation and training: torch threads from the cores actually free, the
+precision a device runs fast at, and the default sampler. Each choice is measured in benchmarks/RESULTS.md ("Speed").
+
+- Threads: on a shared machine, torch's default (one thread per core) oversubscribes the cores another job holds,
+  and every step then waits on a descheduled thread (measured: ~10x slower). `choose_threads()` counts the cores
+  idle over a short sample of /proc/stat and uses that many; `MEDAUG_NUM_THREADS` or `OMP_NUM_THREADS` set by the
+  user win.
+- Precision: "auto" means bf16 autocast where the hardware computes bf16 natively (a CUDA GPU that supports it,
+  or a CPU with AVX512-BF16 or AMX-BF16), fp32 elsewhere. Emulated bf16 on an older CPU is slower than fp32, so
+  it is never chosen there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from functools import lru_cache
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# The default sampler of `medaug generate`: DPM-Solver++ at this many steps matched 20 DDIM steps' quality in
+# benchmarks/RESULTS.md ("Speed"), by Fréchet distance against the real set and by distance to the converged sampler.
+DEFAULT_SCHEDULER = "dpm++"
+DEFAULT_STEPS = 10
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+THREAD_VARIABLES = ("MEDAUG_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(device) -> bool:
+    """Whether `device` computes bf16 natively, so that bf16 autocast is faster than fp32 there."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
+    return False
+
+
+def resolve_precision(precision: str, device) -> str:
+    """"fp32", "bf16" or "fp16" for `precision` (one of PRECISIONS) on `device`; refuses what cannot run."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision: unknown precision '{precision}'; expected one of {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("--precision fp16: CPUs have no fast fp16 arithmetic; use bf16 or fp32")
+    return precision
+
+
+def autocast(precision: str, device):
+    """A context that runs `device`'s work at `precision` ("fp32": plain fp32, nothing changes)."""
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def training_precision(requested: str | None, device) -> str:
+    """accelerate's mixed_precision for a training script's --mixed_precision: given, set by `accelerate launch`
+    (its config), or for "auto" bf16 where the device computes it natively, "no" elsewhere."""
+    if requested not in (None, "auto"):
+        return requested
+    configured = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if configured:
+        return configured
+    return "bf16" if native_bf16(device) else "no"
+
+
+def frozen_weight_dtype(mixed_precision: str, device):
+    """The dtype training stores frozen weights (and their inputs) in: the mixed precision's on CUDA, fp32 on a
+    CPU. CPU autocast runs convolutions and matmuls in bf16 but, unlike CUDA's, does not lift group norms back to
+    fp32, so a bf16 UNet fed an fp32 residual (a ControlNet's) would fail there; autocast alone gives the speed."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def idle_cores(sample_seconds: float = 0.25) -> float | None:
+    """How many cores were idle over a short sample (/proc/stat), or None where it cannot be read."""
+    def totals():
+        with open("/proc/stat", encoding="utf-8") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, all but guest time (counted in user)
+
+    try:
+        idle_before, total_before = totals()
+        time.sleep(sample_seconds)
+        idle_after, total_after = totals()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total_after - total_before
+    if elapsed <= 0:
+        return None
+    return len(os.sched_getaffinity(0)) * (idle_after - idle_before) / elapsed
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def thread_choice() -> tuple[int, str]:
+    """(torch threads, why): the user's MEDAUG_NUM_THREADS or OMP_NUM_THREADS, else the cores now idle."""
+    for variable in THREAD_VARIABLES:
+        value = os.environ.get(variable)
+        if value:
+            try:
+                threads = int(value)
+            except ValueError:
+                raise ValueError(f"{variable}={value!r}: expected a whole number of threads") from None
+            if threads < 1:
+                raise ValueError(f"{variable}={value!r}: at least 1 thread")
+            return threads, f"{variable}={threads}"
+    cores = usable_cores()
+    idle = idle_cores()
+    if idle is None:
+        return cores, f"{cores} cores (idle time unreadable)"
+    threads = max(1, min(cores, round(idle)))
+    return threads, f"{threads} of {cores} cores idle"
+
+
+_chosen: tuple[int, str] | None = None
+
+
+def choose_threads() -> tuple[int, str]:
+    """Set torch's thread count from `thread_choice()` and return it with the reason. A process chooses once, at
+    its first heavy step; later calls keep that choice, so a long process does not shrink mid-run."""
+    import torch
+
+    global _chosen
+    if _chosen is None:
+        _chosen = thread_choice()
+        torch.set_num_threads(_chosen[0])
+    return _chosen

@@ -1,0 +1,173 @@
+"""medaug.speed: threads from the idle cores, precision from what the hardware computes natively, the cached
+unconditional embedding, and generation at the precision chosen."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medaug import speed
+
+pytest_plugins = ["tests.model_folders"]  # the session's model_folder fixture
+
+
+@pytest.fixture
+def no_thread_variables(monkeypatch):
+    for variable in speed.THREAD_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+
+
+@pytest.mark.parametrize(("idle", "expected"), [(0.3, 1), (0.9, 1), (1.6, 2), (2.0, 2)])
+def test_threads_follow_the_idle_cores(monkeypatch, no_thread_variables, idle, expected):
+    monkeypatch.setattr(speed, "usable_cores", lambda: 2)
+    monkeypatch.setattr(speed, "idle_cores", lambda: idle)
+    threads, reason = speed.thread_choice()
+    assert threads == expected and reason == f"{expected} of 2 cores idle"
+
+
+def test_a_busy_machine_still_gets_one_thread_and_the_user_variables_win(monkeypatch, no_thread_variables):
+    monkeypatch.setattr(speed, "idle_cores", lambda: 0.0)
+    assert speed.thread_choice()[0] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert speed.thread_choice() == (3, "OMP_NUM_THREADS=3")
+    monkeypatch.setenv("MEDAUG_NUM_THREADS", "2")
+    assert speed.thread_choice() == (2, "MEDAUG_NUM_THREADS=2")
+
+
+@pytest.mark.parametrize("value", ["two", "0", "-1"])
+def test_a_malformed_thread_variable_is_named(monkeypatch, no_thread_variables, value):
+    monkeypatch.setenv("MEDAUG_NUM_THREADS", value)
+    with pytest.raises(ValueError, match=f"MEDAUG_NUM_THREADS={value!r}"):
+        speed.thread_choice()
+
+
+def test_idle_cores_are_measured_between_zero_and_the_usable_cores():
+    idle = speed.idle_cores(0.05)
+    assert idle is None or 0.0 <= idle <= speed.usable_cores() + 1e-9
+
+
+def test_choose_threads_sets_torch_once_per_process(monkeypatch, no_thread_variables):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(speed, "_chosen", None)
+    monkeypatch.setattr(speed, "thread_choice", lambda: (1, "test"))
+    try:
+        assert speed.choose_threads() == (1, "test") and torch.get_num_threads() == 1
+        monkeypatch.setattr(speed, "thread_choice", lambda: (2, "later"))
+        assert speed.choose_threads() == (1, "test")  # a running process keeps its choice
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [({"avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"),
+                                                 ({"avx2", "avx512f", "avx512bw"}, "fp32"), (set(), "fp32")])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, flags, expected):
+    monkeypatch.setattr(speed, "cpu_flags", lambda: frozenset(flags))
+    assert speed.resolve_precision("auto", "cpu") == expected
+    assert speed.training_precision("auto", "cpu") == {"bf16": "bf16", "fp32": "no"}[expected]
+
+
+def test_precision_refusals_and_what_wins_for_training(monkeypatch):
+    with pytest.raises(ValueError, match="--precision: unknown precision 'half'"):
+        speed.resolve_precision("half", "cpu")
+    with pytest.raises(ValueError, match="--precision fp16: CPUs have no fast fp16"):
+        speed.resolve_precision("fp16", "cpu")
+    monkeypatch.setattr(speed, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert speed.training_precision("no", "cpu") == "no"  # given on the command line
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # set by `accelerate launch` from its config
+    assert speed.training_precision("auto", "cpu") == "fp16"
+    assert speed.training_precision(None, "cpu") == "fp16"
+
+
+def count_text_encoder_calls(text_encoder) -> list:
+    calls = []
+    text_encoder.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_the_empty_prompt_is_encoded_once_while_the_text_encoder_is_frozen(tiny_model_dir):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from medaug.conditioning import TextCondition
+
+    text_encoder = CLIPTextModel.from_pretrained(tiny_model_dir / "text_encoder").requires_grad_(False)
+    condition = TextCondition(CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer"), text_encoder)
+    calls = count_text_encoder_calls(text_encoder)
+    first, second = condition.unconditional_embedding(2), condition.unconditional_embedding(5)
+    assert len(calls) == 1 and first.shape[0] == 2 and second.shape[0] == 5
+    assert torch.equal(first[0], condition.features([""])[0])
+    list(text_encoder.parameters())[-1].requires_grad_(True)  # it trains now: encode every time
+    calls.clear()
+    condition.unconditional_embedding(1), condition.unconditional_embedding(1)
+    assert len(calls) == 2
+
+
+def test_a_pipeline_encodes_its_negative_once_and_again_after_its_weights_change(model_folder):
+    from medaug.pipelines import MedaugPipeline
+
+    pipeline = MedaugPipeline.from_medaug(model_folder())
+    pipeline.set_progress_bar_config(disable=True)
+    calls = count_text_encoder_calls(pipeline.text_encoder)
+    for _ in range(2):
+        pipeline(prompt=["a", "b"], num_inference_steps=1, output_type="np")
+    assert len(calls) == 2 + 1  # each call's prompts, and the empty prompt once
+    weight = list(pipeline.text_encoder.parameters())[-1]
+    weight.data = weight.data * 2 + 1  # as fusing a LoRA replaces a weight
+    calls.clear()
+    _, negative = pipeline.encode_condition(prompt="a")
+    assert len(calls) == 2 and torch.allclose(negative[0], pipeline.condition().features([""])[0])
+
+
+def test_generate_records_the_precision_and_bf16_stays_close_to_fp32(model_folder, phantom_dir, tmp_path,
+                                                                       one_torch_thread):
+    from PIL import Image
+
+    from medaug.generate import generate
+    from medaug.synthetic import ARGS_NAME
+
+    images = {}
+    for precision in ("fp32", "bf16"):
+        summary = generate(model_folder(), tmp_path / precision, from_masks=phantom_dir, max_sources=2,
+                           num_inference_steps=3, precision=precision, batch_size=2)
+        settings = json.loads((tmp_path / precision / ARGS_NAME).read_text())
+        assert summary["precision"] == settings["precision"] == precision
+        assert settings["scheduler"] == speed.DEFAULT_SCHEDULER
+        images[precision] = np.stack([np.asarray(Image.open(path), dtype=float)
+                                      for path in sorted((tmp_path / precision / "images").glob("*.png"))])
+    difference = np.abs(images["fp32"] - images["bf16"])
+    assert 0 < difference.mean() < 4.0  # bf16 really ran, and changed the images by little
+
+
+def test_fp16_on_a_cpu_is_refused_before_anything_is_written(model_folder, phantom_dir, tmp_path):
+    from medaug.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model_dir", str(model_folder()), "--from_masks", str(phantom_dir), "--output_dir",
+              str(tmp_path / "out"), "--precision", "fp16"])
+    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["finetune", "train_controlnet"])
+def test_bf16_training_runs_on_a_cpu_and_keeps_fp32_weights(script, tiny_model_dir, phantom_dir, tmp_path,
+                                                          one_torch_thread, fresh_accelerate_state):
+    """bf16 autocast on the CPU (emulated where the CPU has no bf16 instructions): a ControlNet residual meets the
+    frozen UNet, validation samples, and what is saved is fp32."""
+    from safetensors.torch import load_file
+
+    from medaug.scripts import finetune, train_controlnet
+
+    module = {"finetune": finetune, "train_controlnet": train_controlnet}[script]
+    output_dir = tmp_path / "out"
+    extra = ["--edge_method", "mask_boundary"] if script == "train_controlnet" else ["--train_mode", "lora"]
+    summary = module.main(module.parse_args([
+        "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir", str(phantom_dir),
+        "--output_dir", str(output_dir), "--latent_cache_dir", str(tmp_path / "cache"), "--report_to", "none",
+        "--max_train_steps", "2", "--train_batch_size", "2", "--mixed_precision", "bf16", "--validation_steps", "2",
+        "--num_validation_images", "1", "--validation_inference_steps", "2", *extra]))
+    assert summary["global_step"] == 2 and np.isfinite(summary["losses"]).all()
+    assert json.loads((output_dir / "medaug_args.json").read_text())["mixed_precision"] == "bf16"
+    weights = next(output_dir.glob("controlnet/*.safetensors" if script == "train_controlnet" else "*.safetensors"))
+    assert {tensor.dtype for tensor in load_file(weights).values()} == {torch.float32}
+    assert (output_dir / "validation" / "step-000002.png").is_file()
