@@ -40,6 +40,7 @@ from medaug.models.generators import CONDITIONS, check_resolution, parse_channel
 from medaug.models.training_data import (load_training_tensors, save_validation_grid, training_batch,
                                          validation_conditions)
 from medaug.run_record import RunRecord, write_run_record
+from medaug.speed import choose_threads
 from medaug.training.arguments import (HelpFormatter, add_config_flag, dataset_folder, epoch_steps, parse_with_config,
                                        positive_int, set_tf32, train_steps)
 from medaug.training.checkpoint import load_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint
@@ -159,6 +160,7 @@ def main(args: argparse.Namespace) -> dict:
 def train(args: argparse.Namespace) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_tf32(args.allow_tf32)
+    logger.info("torch threads %d (%s)", *choose_threads())
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     output_dir = Path(args.output_dir)
 

@@ -30,6 +30,7 @@ from medaug.console import reporting_errors
 from medaug.data import DatasetFolder, MedicalImageDataset
 from medaug.models.pix2pix import PatchDiscriminator, Pix2PixGenerator
 from medaug.run_record import RunRecord, write_run_record
+from medaug.speed import choose_threads
 from medaug.training.arguments import (HelpFormatter, add_config_flag, dataset_folder, epoch_steps, parse_with_config,
                                        positive_int, set_tf32, train_steps)
 from medaug.training.checkpoint import (load_checkpoint, prune_checkpoints, resolve_checkpoint,
@@ -192,6 +193,7 @@ def main(args: argparse.Namespace) -> dict:
 def train(args: argparse.Namespace) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_tf32(args.allow_tf32)
+    logger.info("torch threads %d (%s)", *choose_threads())
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     output_dir = Path(args.output_dir)
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from medaug.console import reporting_errors
 from medaug.data import DatasetFolder, MedicalImageDataset
 from medaug.outputs import output_lock, writable_folder
+from medaug.speed import choose_threads
 from medaug.training.arguments import (HelpFormatter, add_config_flag, dataset_folder, epoch_steps, parse_with_config,
                                        positive_int, set_tf32, train_steps)
 from medaug.training.run_folder import first_process
@@ -137,6 +138,7 @@ def train(args: argparse.Namespace) -> dict:
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_tf32(args.allow_tf32)
+    logger.info("torch threads %d (%s)", *choose_threads())
     base = Path(args.pretrained_model_name_or_path)
     output_dir = Path(args.output_dir) if args.output_dir else base / "vae"
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else base / "vae_checkpoints"
