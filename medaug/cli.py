@@ -174,6 +174,9 @@ app.command("edges")(edges_command)
 from medaug.commands.export import export_command  # noqa: E402
 app.command("export")(export_command)
 
+from medaug.commands.patches import patches_command  # noqa: E402
+app.command("patches")(patches_command)
+
 from medaug.commands.demo import demo_command  # noqa: E402
 app.command("demo")(demo_command)
 

@@ -35,6 +35,8 @@ SUBCOMMANDS = {
               "--allow_unknown_provenance", "--config"],
     "edges": ["--method", "--output_dir", "--split", "--low", "--high", "--thickness", "--overwrite"],
     "export": ["--output_dir", "--format", "--overwrite"],
+    "patches": ["--output_dir", "--size", "--level", "--tissue_threshold", "--max_patches_per_slide",
+                "--val_fraction", "--test_fraction", "--seed", "--overwrite"],
     "demo": ["--data", "--output_dir", "--max_train_samples", "--resolution", "--finetune_steps", "--controlnet_steps",
              "--seg_epochs", "--seg_seeds", "--overwrite", "--generator", "--consistency", "--no_consistency"],
     "ssl": ["--data", "--output_dir", "--method", "--policies", "--clahe", "--no_clahe", "--label_column",
