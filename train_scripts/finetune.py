@@ -341,6 +341,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.mask_channels:
         widen_conv_in(unet, 1)
     if args.train_mode == "lora":
+        unet.to(accelerator.device, dtype=weight_dtype)  # frozen under the adapters (which train in fp32)
         add_lora(unet, args.rank, UNET_TARGETS)
     else:
         unet.requires_grad_(True)

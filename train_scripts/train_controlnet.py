@@ -394,7 +394,7 @@ def train(args: argparse.Namespace) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_tf32(args.allow_tf32)
     logger.info("torch threads %d (%s), mixed precision %s", *choose_threads(), accelerator.mixed_precision)
-    weight_dtype = frozen_weight_dtype(accelerator.mixed_precision, accelerator.device)
+    weight_dtype = frozen_weight_dtype(accelerator.mixed_precision, accelerator.device, takes_fp32_inputs=True)
 
     # 1. Base model with --lora_dir applied; the data folder and edge sources are checked first.
     folder = DatasetFolder(args.train_data_dir)
