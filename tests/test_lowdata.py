@@ -201,3 +201,24 @@ def test_the_study_report_shows_plots_and_each_arm_s_predictions_in_chromium(qui
     red, plot_blue = (255, 38, 38), (31, 119, 180)  # mask outlines; matplotlib's first colour in the Dice plot
     assert coloured_pixels(shown, red) > 100 and coloured_pixels(control, red) == 0
     assert coloured_pixels(shown, plot_blue) > 50 and coloured_pixels(control, plot_blue) == 0
+
+
+def test_autoencoder_and_gan_are_arms_and_the_synthetic_arm_trains_on_synthetic_pairs_only(guarded_phantom,
+                                                                                         tmp_path):
+    data, _ = guarded_phantom
+    output = tmp_path / "families"
+    settings = LowDataSettings.quick(real_fractions=(0.5,), generators=("autoencoder", "gan"),
+                                     arms=("real", "synthetic"))
+    summary = run_lowdata_study(data, output, settings)
+    rows = {(row["arm"], row["generator"]): row for row in summary["rows"]}
+    assert set(rows) == {("real", None), ("synthetic", "autoencoder"), ("synthetic", "gan")}
+    subset = (output / "subsets" / "f0.5").resolve()
+    for generator in ("autoencoder", "gan"):
+        record = read_run_record(output / "generators" / "f0.5" / generator)
+        assert (record.generator, record.generator_condition) == (generator, "mask")
+        assert record.train_data_dir == str(subset)
+        row = rows[("synthetic", generator)]
+        assert row["n_real"] == 0 and row["n_synthetic"] == rows[("real", None)]["n_real"] > 0
+    for result_file in (output / "runs").glob("*synthetic*/result.json"):
+        result = json.loads(result_file.read_text())
+        assert result["n_real"] == 0 and result["n_synthetic"] > 0

@@ -37,9 +37,10 @@ def study_seg_command(
         "0.1,0.25,1",
     seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Seeds per arm (default 3).")] = None,
     generators: Annotated[str, typer.Option("--generators", help="Comma-separated: mask_channels, controlnet, "
-                                            "pix2pix.")] = "mask_channels,pix2pix",
+                                            "pix2pix, autoencoder, gan.")] = "mask_channels,pix2pix",
     arms: Annotated[str, typer.Option("--arms", help="Comma-separated: real, real+classical, real+synthetic, "
-                                      "real+classical+synthetic, synthetic_pretrain.")] =
+                                      "real+classical+synthetic, synthetic_pretrain, synthetic (synthetic pairs "
+                                      "only: train on synthetic, test on real).")] =
         "real,real+classical,real+synthetic,real+classical+synthetic,synthetic_pretrain",
     synthetic_ratio: Annotated[Optional[float], typer.Option("--synthetic_ratio", help="Synthetic pairs per real "
                                                              "training image (default 1).")] = None,
@@ -58,6 +59,10 @@ def study_seg_command(
                                                            "training steps (default 1000).")] = None,
     pix2pix_steps: Annotated[Optional[int], typer.Option("--pix2pix_steps", min=1, help="pix2pix training steps "
                                                          "(default 2000).")] = None,
+    autoencoder_steps: Annotated[Optional[int], typer.Option("--autoencoder_steps", min=1, help="autoencoder "
+                                                             "training steps (default 2000).")] = None,
+    gan_steps: Annotated[Optional[int], typer.Option("--gan_steps", min=1, help="gan training steps (default "
+                                                     "2000).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Every stage, tiny (tiny models, a few steps, one seed): "
                                         "checks the chain in minutes, measures nothing.")] = False,
     config: Annotated[Optional[Path], typer.Option(
@@ -71,7 +76,7 @@ def study_seg_command(
         quick, real_fractions=_floats(real_fractions, "--real_fractions"), seeds=seeds,
         generators=_names(generators), arms=_names(arms), synthetic_ratio=synthetic_ratio, mask_augment=mask_augment,
         filter=filter_rule, unlabelled_images=unlabelled_images, seg_steps=seg_steps, diffusion_steps=diffusion_steps,
-        pix2pix_steps=pix2pix_steps)
+        pix2pix_steps=pix2pix_steps, autoencoder_steps=autoencoder_steps, gan_steps=gan_steps)
     try:
         with output_lock(output_dir):
             summary = run_lowdata_study(data, output_dir, settings, on_stage=lambda text: console.rule(text))

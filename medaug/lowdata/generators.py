@@ -5,6 +5,9 @@
   best diffusion path in benchmarks/RESULTS.md, "Label fidelity".
 - `controlnet`: a text fine-tune of the same base, then a ControlNet on the filled mask.
 - `pix2pix`: a U-Net generator with a PatchGAN discriminator (`train_pix2pix.py`), no diffusion.
+- `autoencoder`: a convolutional VAE whose decoder reads the mask at every scale (`train_autoencoder.py --condition
+  mask`); `gan`: a DCGAN-style generator and discriminator that read the mask the same way (`train_gan.py
+  --condition mask`). The baselines of the other generator families.
 
 With `unlabelled="all"`, the base's VAE and its UNet (a text fine-tune without masks) learn from every training
 image of the full dataset, as when a clinic has many images and few masks; whatever reads masks (the ControlNet,
@@ -20,7 +23,11 @@ from pathlib import Path
 
 from medaug.training.run_scripts import rerun_flags, run_script
 
-GENERATORS = ("mask_channels", "controlnet", "pix2pix")
+GENERATORS = ("mask_channels", "controlnet", "pix2pix", "autoencoder", "gan")
+# The generators trained from nothing by one script, with the settings field holding their steps.
+SCRIPT_GENERATORS = {"pix2pix": ("train_pix2pix", "pix2pix_steps"), "autoencoder": ("train_autoencoder",
+                                                                                  "autoencoder_steps"),
+                     "gan": ("train_gan", "gan_steps")}
 DONE_FILE = "medaug_args.json"  # every training script writes its run record last
 
 
@@ -33,6 +40,8 @@ class GeneratorSettings:
     diffusion_steps: int = 1000  # mask_channels
     controlnet_steps: int = 1000
     pix2pix_steps: int = 2000
+    autoencoder_steps: int = 2000
+    gan_steps: int = 2000
     batch_size: int = 8
     consistency: bool = True
     segmenter_epochs: int = 30
@@ -120,12 +129,13 @@ def train_generator(name: str, subset: Path, work: Path, settings: GeneratorSett
     output_dir = work / name
     if _finished(output_dir):
         return output_dir
-    if name == "pix2pix":
-        run_script("train_pix2pix", ["--train_data_dir", subset, "--resolution", settings.resolution,
-                                     "--seed", settings.seed, "--output_dir", output_dir,
-                                     "--max_train_steps", settings.pix2pix_steps, "--train_batch_size",
-                                     settings.batch_size, "--checkpointing_steps", 250, "--checkpoints_total_limit",
-                                     1, "--random_flip", *rerun_flags(output_dir)])
+    if name in SCRIPT_GENERATORS:
+        script, steps = SCRIPT_GENERATORS[name]
+        condition = [] if name == "pix2pix" else ["--condition", "mask"]  # pix2pix reads the mask by design
+        run_script(script, ["--train_data_dir", subset, "--resolution", settings.resolution, "--seed", settings.seed,
+                            "--output_dir", output_dir, "--max_train_steps", getattr(settings, steps),
+                            "--train_batch_size", settings.batch_size, "--checkpointing_steps", 250,
+                            "--checkpoints_total_limit", 1, "--random_flip", *condition, *rerun_flags(output_dir)])
         return output_dir
     shared, images = (work.parent / "unlabelled", unlabelled) if unlabelled is not None else (work, subset)
     base = prepare_base(shared, images, settings)

@@ -7,7 +7,8 @@ each trained for the same number of optimiser steps over `seeds` seeds and score
 
 - `real`: the subset alone; `real+classical`: with classical augmentation;
 - `real+synthetic`, `real+classical+synthetic`: plus `synthetic_ratio` x as many synthetic pairs;
-- `synthetic_pretrain`: half the steps on synthetic pairs, then half on the subset.
+- `synthetic_pretrain`: half the steps on synthetic pairs, then half on the subset;
+- `synthetic`: synthetic pairs only (train on synthetic, test on real); not run unless asked for.
 
 Every stage leaves a file that marks it finished (a subset's metadata.csv, a run's medaug_args.json, a synthetic
 folder's manifest, a run's result.json), so a study started again on its output folder goes on where it stopped, and
@@ -30,8 +31,9 @@ from medaug.lowdata.filter import FilterRule, keep_pairs
 from medaug.lowdata.generators import GENERATORS, GeneratorSettings, generate_pairs, train_generator
 from medaug.lowdata.subsets import subset_name, write_nested_subsets
 
-ARMS = ("real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic_pretrain")
+ARMS = ("real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic_pretrain", "synthetic")
 SYNTHETIC_ARMS = ARMS[2:]
+DEFAULT_ARMS = ARMS[:5]
 UNLABELLED = ("labelled", "all")
 SETTINGS_FILE = "study_settings.json"
 GROWABLE = ("real_fractions", "seeds", "arms", "generators")  # a resumed study may ask for more of these
@@ -47,7 +49,7 @@ class LowDataSettings:
     real_fractions: tuple[float, ...] = (0.1, 0.25, 1.0)
     seeds: int = 3
     generators: tuple[str, ...] = ("mask_channels", "pix2pix")
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[str, ...] = DEFAULT_ARMS
     synthetic_ratio: float = 1.0
     mask_augment: bool = False
     filter: str | None = None
@@ -63,7 +65,8 @@ class LowDataSettings:
     def quick(cls, **overrides) -> LowDataSettings:
         """Every stage, tiny: for tests and a first look (minutes on a CPU), measures nothing."""
         tiny = GeneratorSettings(preset="tiny", vae_steps=4, base_steps=4, diffusion_steps=4, controlnet_steps=4,
-                                 pix2pix_steps=4, batch_size=4, segmenter_epochs=2, inference_steps=2)
+                                 pix2pix_steps=4, autoencoder_steps=4, gan_steps=4, batch_size=4,
+                                 segmenter_epochs=2, inference_steps=2)
         return cls(**{"seeds": 1, "seg_steps": 6, "seg_batch_size": 4, "generator": tiny, **overrides})
 
     def check(self) -> None:
@@ -210,7 +213,8 @@ def run_arm(arm: Arm, seed: int, data, synthetic: list[dict], settings: LowDataS
                                        initial_state=pretrained.state_dict(), **options)
         history["pretrain"] = pre_history
     else:
-        items = real + extra if arm.name in ("real+synthetic", "real+classical+synthetic") else real
+        items = {"synthetic": extra, "real+synthetic": real + extra, "real+classical+synthetic": real + extra
+                 }.get(arm.name, real)
         model, history = fit_segmenter(items, data.val, max_steps=steps, augment="classical" in arm.name, **options)
     batches = evaluation_batches(data.test, settings.seg_resolution, 1, "pad", True, settings.seg_batch_size)
     per_image = predict_and_score(model, batches, torch.device("cpu"))
@@ -221,7 +225,8 @@ def run_arm(arm: Arm, seed: int, data, synthetic: list[dict], settings: LowDataS
         predictions = [model(batch["image"]).argmax(dim=1).numpy().astype(bool) for batch in shown]
     np.savez_compressed(run_dir / "overlay_predictions.npz", masks=np.concatenate(predictions))
     result = {"arm": arm.name, "generator": arm.generator, "real_fraction": arm.fraction, "seed": seed,
-              "n_real": len(real), "n_synthetic": len(extra), "steps": steps, "per_image": per_image,
+              "n_real": 0 if arm.name == "synthetic" else len(real), "n_synthetic": len(extra), "steps": steps,
+              "per_image": per_image,
               "metrics": summarise_segmentation(per_image), "history": history}
     write_json_atomic(result_path, result)
     return result
