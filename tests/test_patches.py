@@ -4,6 +4,7 @@ coordinates back on level 0, one split per slide, resuming, bad slides refused b
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -179,11 +180,15 @@ def test_a_folder_held_by_another_run_is_refused(tmp_path, slide_image):
     assert not (tmp_path / "out").exists() or not (tmp_path / "out" / "metadata.csv").exists()
 
 
-def damage_tissue_tile(path: Path) -> None:
-    """Overwrite one level-0 tile inside the tissue block with noise; headers and other levels stay whole."""
+def tifffile_open(path: Path, mode: str = "rb"):
     import tifffile
 
-    with tifffile.TiffFile(path) as tiff:
+    return tifffile.TiffFile(path, mode=mode)
+
+
+def damage_tissue_tile(path: Path) -> None:
+    """Overwrite one level-0 tile inside the tissue block with noise; headers and other levels stay whole."""
+    with tifffile_open(path) as tiff:
         page = tiff.series[0].levels[0].keyframe
         index = 2 * page.chunked[1] + 3  # tile row 2, column 3: pixels 384-575 down, 576-767 across
         offset, count = page.dataoffsets[index], page.databytecounts[index]
@@ -209,6 +214,12 @@ def bad_slide(kind: str, slides: Path, outside: Path) -> tuple[Path, list[str], 
     if kind == "damaged_tiles":
         damage_tissue_tile(write_slide(bad, slide_pixels()))
         return bad, [], "cannot be decoded"
+    if kind == "jpeg_without_imagecodecs":
+        if importlib.util.find_spec("imagecodecs") is not None:
+            pytest.skip("imagecodecs is installed, so JPEG tiles decode")
+        with tifffile_open(write_slide(bad, slide_pixels()), mode="r+") as tiff:
+            tiff.series[0].levels[0].keyframe.tags["Compression"].overwrite(7)  # level 0 claims JPEG (as SVS)
+        return bad, [], "requires the 'imagecodecs' package); install imagecodecs"
     if kind == "link_outside":
         target = write_slide(outside / "elsewhere.tif", slide_pixels())
         bad.symlink_to(target)
@@ -216,7 +227,8 @@ def bad_slide(kind: str, slides: Path, outside: Path) -> tuple[Path, list[str], 
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["corrupt", "not_tiff", "level", "damaged_tiles", "link_outside"])
+@pytest.mark.parametrize("kind", ["corrupt", "not_tiff", "level", "damaged_tiles", "jpeg_without_imagecodecs",
+                                  "link_outside"])
 def test_bad_slides_are_refused_by_name(tmp_path, kind):
     bad, flags, message = bad_slide(kind, tmp_path / "slides", tmp_path / "outside")
     result = CliRunner().invoke(app, ["patches", str(tmp_path / "slides"), "--output_dir", str(tmp_path / "out"),
