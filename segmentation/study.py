@@ -27,6 +27,7 @@ from medaug.data import FIT_MODES
 from medaug.files import write_json_atomic
 from medaug.segmentation.inputs import StudyData, StudyError, load_study_data
 from medaug.segmentation.networks import DEFAULT_NETWORK, check_resolution, network_spec
+from medaug.speed import choose_threads
 
 ARMS = ("real", "real+synthetic", "synthetic", "classical", "classical+synthetic")
 RATIO_ARMS = ("real+synthetic", "classical+synthetic")
@@ -162,6 +163,8 @@ def run_study(
         raise StudyError(str(error)) from error
     if num_threads is not None:
         _set_threads(num_threads)
+    else:
+        choose_threads()  # as many as cores are idle (medaug.speed)
     data = load_study_data(task, real_dir, list(synthetic_dirs), label_column=label_column,
                            allow_unknown_provenance=allow_unknown_provenance)
     settings = {

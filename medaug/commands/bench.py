@@ -61,8 +61,8 @@ def bench_command(
                                                 "Grad-CAM maps for.")] = 4,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     num_threads: Annotated[Optional[int], typer.Option(
-        "--num_threads", help="CPU threads for torch (default: torch's choice; 1 can be faster on a busy "
-        "machine).")] = None,
+        "--num_threads", help="CPU threads for torch (default: as many as cores are idle at the start; "
+        "`medaug env` shows the choice).")] = None,
     allow_unknown_provenance: Annotated[bool, typer.Option(
         "--allow_unknown_provenance", help="Use synthetic rows that no manifest.jsonl line vouches for (source, "
         "split, run and image hash); the report then says test-split leakage cannot be ruled out.")] = False,

@@ -30,6 +30,7 @@ from medaug.files import write_json_atomic
 from medaug.lowdata.filter import FilterRule, keep_pairs
 from medaug.lowdata.generators import GENERATORS, GeneratorSettings, generate_pairs, train_generator
 from medaug.lowdata.subsets import subset_name, write_nested_subsets
+from medaug.speed import choose_threads
 
 ARMS = ("real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic_pretrain", "synthetic")
 SYNTHETIC_ARMS = ARMS[2:]
@@ -249,6 +250,7 @@ def run_lowdata_study(data: str | Path, output_dir: str | Path, settings: LowDat
     from medaug.segmentation.inputs import load_study_data
 
     settings.check()
+    choose_threads()  # as many as cores are idle (medaug.speed)
     data, output_dir = Path(data), Path(output_dir)
     if not is_dataset_folder(data):
         raise LowDataStudyError(f"--data: {data} holds no metadata.csv, metadata.jsonl or split folders with one")
