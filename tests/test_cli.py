@@ -45,7 +45,7 @@ SUBCOMMANDS = {
             "--seeds", "--gradcam_images", "--device", "--config"],
     "generate": ["--model_dir", "--output_dir", "--edges", "--from_masks", "--from_images", "--prompt",
                  "--embeddings_file", "--split", "--num_per_source", "--num_inference_steps", "--guidance_scale",
-                 "--controlnet_conditioning_scale", "--scheduler", "--seed", "--batch_size", "--resolution",
+                 "--controlnet_conditioning_scale", "--scheduler", "--precision", "--seed", "--batch_size", "--resolution",
                  "--resume", "--overwrite", "--max_sources", "--base_model", "--lora_weights", "--controlnet",
                  "--config"],
 }
@@ -142,7 +142,8 @@ def test_phantom_then_init_model_with_its_prompts(tmp_path):
 
 STUDY_SEG_FLAGS = ["--data", "--output_dir", "--real_fractions", "--seeds", "--generators", "--arms",
                    "--synthetic_ratio", "--mask_augment", "--filter", "--unlabelled_images", "--seg_steps",
-                   "--diffusion_steps", "--pix2pix_steps", "--quick", "--config"]
+                   "--diffusion_steps", "--pix2pix_steps", "--autoencoder_steps", "--gan_steps", "--quick",
+                   "--config"]
 
 
 def test_study_seg_takes_exactly_the_listed_flags_and_shows_them():

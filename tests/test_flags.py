@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from medaug.cli import app
 from medaug.scripts import finetune, train_pix2pix
+from medaug.speed import training_precision
 from medaug.training.arguments import RefusedFlag, epoch_steps, train_steps
 from medaug.training.validation import log_to_trackers
 
@@ -98,7 +99,8 @@ def test_a_run_with_diffusers_flags_replays_from_its_record(tiny_model_dir, phan
     arguments = record["arguments"]
     assert arguments["fit"] == "crop" and record["fit"] == "crop"
     assert arguments["train_data_dir"] == str(phantom_dir) and arguments["max_train_steps"] == 4
-    assert arguments["mixed_precision"] == record["mixed_precision"] == "no"  # what accelerate used, not null
+    # what accelerate used ("auto" resolved for this machine), not null
+    assert arguments["mixed_precision"] == record["mixed_precision"] == training_precision("auto", "cpu")
 
     events = next((output_dir / "logs").rglob("events.out.tfevents.*"))
     accumulator = EventAccumulator(str(events.parent), size_guidance={"images": 0})

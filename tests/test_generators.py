@@ -195,3 +195,16 @@ def test_a_condition_without_its_column_is_refused(script, condition, column, ph
     with pytest.raises(DatasetError, match=f"column '{column}': the column is missing; --condition {condition} needs"):
         train(script, phantom_copy, tmp_path / "run", 2, "--condition", condition)
     assert not (tmp_path / "run" / "medaug_args.json").exists()
+
+
+def test_overwrite_removes_each_family_weight_folder_and_keeps_other_files(tmp_path):
+    from medaug.training.run_folder import check_run_folder
+
+    folders = (train_autoencoder.WEIGHTS_FOLDER, train_gan.WEIGHTS_FOLDER)
+    for name in folders:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"stale")
+    (tmp_path / "medaug_args.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    check_run_folder(tmp_path, resuming=False, overwrite=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]

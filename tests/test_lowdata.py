@@ -77,7 +77,7 @@ def test_a_bad_filter_rule_names_the_flag(text):
 
 
 def test_settings_refuse_unknown_arms_generators_and_modes():
-    for changes, flag in (({"arms": ("real", "realer")}, "--arms"), ({"generators": ("gan",)}, "--generators"),
+    for changes, flag in (({"arms": ("real", "realer")}, "--arms"), ({"generators": ("vqgan",)}, "--generators"),
                           ({"unlabelled_images": "some"}, "--unlabelled_images"), ({"filter": "x"}, "--filter"),
                           ({"real_fractions": (0.25, 2.0)}, "--real_fractions")):
         with pytest.raises(LowDataStudyError, match=flag):

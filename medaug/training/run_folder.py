@@ -23,7 +23,7 @@ from medaug.training.lora import LORA_WEIGHTS_NAME
 
 # What a training run writes into its folder; --overwrite removes these and nothing else.
 RUN_ENTRIES = (RECORD_NAME, CARD_NAME, LORA_WEIGHTS_NAME, "unet", "controlnet", "condition_encoder", "pix2pix",
-               "logs", "validation")
+               "autoencoder", "gan", "logs", "validation")
 
 
 def first_process() -> bool:
