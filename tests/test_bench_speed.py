@@ -139,3 +139,16 @@ def test_repeated_runs_report_medians_the_largest_peak_memory_and_every_run():
     assert (summary["images_per_second"], summary["steps_per_second"], summary["cache_fill_seconds"]) == (6.0, 1.5, 3.0)
     assert summary["peak_rss_mib"] == 1200.0 and summary["images_per_second_runs"] == [8.0, 2.0, 6.0]
     assert summary["runs"] == runs and summary["resolution"] == 64
+
+
+def test_cpu_kernels_times_every_variant_against_fp32_in_one_run(tmp_path):
+    bench = load_benchmark("cpu_kernels")
+    output = tmp_path / "kernels.json"
+    results = bench.main(["--preset", "tiny", "--repeats", "1", "--output", str(output)])
+    assert json.loads(output.read_text())["ratio"] == results["ratio"]
+    assert set(results["sampling_batch_16"]) == {"fp32", "bf16 autocast", "fp32 channels-last",
+                                                 "bf16 autocast, channels-last"}
+    assert len(results["lora_training_step_batch_4"]) == 4
+    for block in ("sampling_batch_16", "lora_training_step_batch_4"):
+        assert results["ratio"][f"{block}: fp32"] == 1.0
+        assert all(row["median_ms"] > 0 and row["first_call_s"] > 0 for row in results[block].values())
