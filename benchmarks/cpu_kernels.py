@@ -1,7 +1,6 @@
 #!/usr/bin/env python
 """What each CPU speed option buys for one UNet: fp32 against bf16 autocast, bf16 weights, channels-last and
-torch.compile, and the fp32 attention product finetune.py uses on a CPU in bf16 (medaug.models.attention), for a
-sampling forward pass and a LoRA training step, ratio against fp32 in one run.
+torch.compile, for a sampling forward pass and a LoRA training step, ratio against fp32 in one run.
 
     python benchmarks/cpu_kernels.py [--preset small] [--repeats 9] [--compile] [--output cpu_kernels.json]
 
@@ -89,17 +88,11 @@ def lora_unet(unet, frozen_dtype):
 
 
 def training_variants(unet, options) -> dict:
-    from medaug.models.attention import use_fp32_attention
-
-    variants = {"fp32": (torch.float32, False, False),
-                "bf16 autocast, fp32 frozen weights": (torch.float32, True, False),
-                "bf16 autocast, bf16 frozen weights": (torch.bfloat16, True, False),
-                "bf16 autocast, bf16 frozen weights, fp32 attention (finetune.py)": (torch.bfloat16, True, True)}
+    variants = {"fp32": (torch.float32, False), "bf16 autocast, fp32 frozen weights": (torch.float32, True),
+                "bf16 autocast, bf16 frozen weights": (torch.bfloat16, True)}
     results = {}
-    for name, (frozen_dtype, autocast, fp32_attention) in variants.items():
+    for name, (frozen_dtype, autocast) in variants.items():
         model, optimizer = lora_unet(unet, frozen_dtype)
-        if fp32_attention:
-            use_fp32_attention(model)
         latents, timesteps, hidden = inputs(unet, 4)
 
         def call():
@@ -115,9 +108,9 @@ def training_variants(unet, options) -> dict:
 
 def print_block(title: str, results: dict) -> None:
     base = results["fp32"]["median_ms"]
-    print(f"{title}\n  {'variant':66} {'median ms':>10} {'min ms':>8} {'vs fp32':>8} {'first call s':>13}")
+    print(f"{title}\n  {'variant':36} {'median ms':>10} {'min ms':>8} {'vs fp32':>8} {'first call s':>13}")
     for name, row in results.items():
-        print(f"  {name:66} {row['median_ms']:10.1f} {row['min_ms']:8.1f} {base / row['median_ms']:7.2f}x "
+        print(f"  {name:36} {row['median_ms']:10.1f} {row['min_ms']:8.1f} {base / row['median_ms']:7.2f}x "
               f"{row['first_call_s']:13.1f}")
 
 
