@@ -50,9 +50,9 @@ from medaug.data import DatasetFolder
 from medaug.models.gan import (GanDiscriminator, GanGenerator, check_code_dims, code_moments,
                                parse_code_distributions)
 from medaug.models.generators import CONDITIONS, check_resolution, parse_channels
-from medaug.models.training_data import (load_training_tensors, save_validation_grid, training_batch,
-                                         validation_conditions)
-from medaug.run_record import RunRecord, write_run_record
+from medaug.models.training_data import (generator_run_record, load_training_tensors, log_validation,
+                                         training_batch)
+from medaug.run_record import write_run_record
 from medaug.speed import choose_threads
 from medaug.training.arguments import (HelpFormatter, add_config_flag, dataset_folder, epoch_steps, parse_with_config,
                                        positive_int, set_tf32, train_steps)
@@ -178,28 +178,6 @@ def step_batch(data, indices: list[int], generator_net, generator: torch.Generat
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5. Validation and saving
-# ---------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def log_validation(args, step: int, generator_net, folder, class_names: list[str]) -> Path:
-    count, masks, classes = validation_conditions(folder, args.split, args.num_validation_images, args.resolution,
-                                                  args.fit, args.condition, class_names)
-    vectors = generator_net.draw_vectors(count, torch.Generator().manual_seed(args.seed))
-    images = generator_net.eval().decode(vectors, None if masks is None else masks.to(generator_net.device), classes)
-    generator_net.train()
-    return save_validation_grid(images, masks, Path(args.output_dir) / "validation" / f"step-{step:06d}.png")
-
-
-def run_record(args, channels: int, class_names: list[str], global_step: int) -> RunRecord:
-    return RunRecord(base_model="", resolution=args.resolution, script="train_gan", conditioning="none",
-                     unet_train_mode="none", fit=args.fit, channels=channels, generator="gan",
-                     generator_condition=args.condition, class_names=class_names,
-                     train_data_dir=str(Path(args.train_data_dir).resolve()), split=args.split, steps=global_step,
-                     seed=args.seed, mixed_precision="no", arguments=vars(args))  # always fp32
-
-
-# ---------------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------------
 
@@ -281,7 +259,8 @@ def train(args: argparse.Namespace) -> dict:
 
     # 5. Save the run folder: the generator is all generation needs (the checkpoints keep the discriminator).
     generator_net.save_pretrained(output_dir / WEIGHTS_FOLDER, safe_serialization=True)
-    write_run_record(output_dir, run_record(args, channels, data.class_names, global_step))
+    record = generator_run_record(args, "train_gan", "gan", channels, data.class_names, global_step)
+    write_run_record(output_dir, record)
     return {"global_step": global_step, "losses": losses, "output_dir": str(output_dir), "train_seconds": seconds,
             "steps_per_second": (global_step - first_step) / seconds if seconds else 0.0}
 

@@ -100,3 +100,26 @@ def save_validation_grid(images: torch.Tensor, masks: torch.Tensor | None, path:
     if masks is not None:
         pictures = np.concatenate([to_rgb(masks), pictures], axis=1)
     return save_grid(pictures, path)
+
+
+@torch.no_grad()
+def log_validation(args, step: int, model, folder: DatasetFolder, class_names: list[str]) -> Path:
+    """A grid of --num_validation_images samples of a GAN generator or autoencoder (anything with draw_vectors and
+    decode) for the val split's masks or classes, written to OUTPUT_DIR/validation/step-N.png."""
+    count, masks, classes = validation_conditions(folder, args.split, args.num_validation_images, args.resolution,
+                                                  args.fit, args.condition, class_names)
+    vectors = model.draw_vectors(count, torch.Generator().manual_seed(args.seed))
+    images = model.eval().decode(vectors, None if masks is None else masks.to(model.device), classes)
+    model.train()
+    return save_validation_grid(images, masks, Path(args.output_dir) / "validation" / f"step-{step:06d}.png")
+
+
+def generator_run_record(args, script: str, generator: str, channels: int, class_names: list[str], global_step: int):
+    """The run record of a from-scratch generator (always fp32, no base model)."""
+    from medaug.run_record import RunRecord
+
+    return RunRecord(base_model="", resolution=args.resolution, script=script, conditioning="none",
+                     unet_train_mode="none", fit=args.fit, channels=channels, generator=generator,
+                     generator_condition=args.condition, class_names=class_names,
+                     train_data_dir=str(Path(args.train_data_dir).resolve()), split=args.split, steps=global_step,
+                     seed=args.seed, mixed_precision="no", arguments=vars(args))
