@@ -8,7 +8,7 @@ from pathlib import Path
 
 from medaug.conditioning import condition_class, load_projection
 from medaug.files import pickled_files, safetensors_problem
-from medaug.run_record import RunRecord, RunRecordError, read_run_record
+from medaug.run_record import FAMILY_FOLDERS, RunRecord, RunRecordError, read_run_record
 from medaug.training.lora import LORA_WEIGHTS_NAME
 
 # Sampling schedulers by the short names `medaug generate --scheduler` takes; each is built from the base
@@ -27,8 +27,7 @@ SCHEDULERS = {
 
 
 # The weights each non-diffusion generator family's run folder must hold.
-GENERATOR_FILES = {"pix2pix": "pix2pix/config.json", "autoencoder": "autoencoder/config.json",
-                   "gan": "gan/config.json"}
+GENERATOR_FILES = {family: f"{family}/config.json" for family in FAMILY_FOLDERS}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what diffusers' save_pretrained writes in a model folder
 
 

@@ -210,6 +210,8 @@ With stock diffusers alone:
 
 GENERATOR_PIPELINES = {"pix2pix": "MedaugPix2PixPipeline", "gan": "MedaugGeneratorPipeline",
                        "autoencoder": "MedaugGeneratorPipeline"}
+# Each family trained from nothing saves its network in a folder of the run named after the family.
+FAMILY_FOLDERS = tuple(GENERATOR_PIPELINES)
 
 
 def generator_card(record: RunRecord) -> str:

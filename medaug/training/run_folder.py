@@ -17,13 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from medaug.outputs import OutputFolderError, output_lock
-from medaug.run_record import CARD_NAME, RECORD_NAME
+from medaug.run_record import CARD_NAME, FAMILY_FOLDERS, RECORD_NAME
 from medaug.training.checkpoint import check_checkpoint, list_checkpoints, resolve_checkpoint
 from medaug.training.lora import LORA_WEIGHTS_NAME
 
 # What a training run writes into its folder; --overwrite removes these and nothing else.
-RUN_ENTRIES = (RECORD_NAME, CARD_NAME, LORA_WEIGHTS_NAME, "unet", "controlnet", "condition_encoder", "pix2pix",
-               "autoencoder", "gan", "logs", "validation")
+RUN_ENTRIES = (RECORD_NAME, CARD_NAME, LORA_WEIGHTS_NAME, "unet", "controlnet", "condition_encoder", *FAMILY_FOLDERS,
+               "logs", "validation")
 
 
 def first_process() -> bool:
