@@ -259,8 +259,7 @@ def train(args: argparse.Namespace) -> dict:
 
     # 5. Save the run folder: the generator is all generation needs (the checkpoints keep the discriminator).
     generator_net.save_pretrained(output_dir / WEIGHTS_FOLDER, safe_serialization=True)
-    record = generator_run_record(args, "train_gan", "gan", channels, data.class_names, global_step)
-    write_run_record(output_dir, record)
+    write_run_record(output_dir, generator_run_record(args, "gan", channels, data.class_names, global_step))
     return {"global_step": global_step, "losses": losses, "output_dir": str(output_dir), "train_seconds": seconds,
             "steps_per_second": (global_step - first_step) / seconds if seconds else 0.0}
 

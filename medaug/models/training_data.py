@@ -114,11 +114,12 @@ def log_validation(args, step: int, model, folder: DatasetFolder, class_names: l
     return save_validation_grid(images, masks, Path(args.output_dir) / "validation" / f"step-{step:06d}.png")
 
 
-def generator_run_record(args, script: str, generator: str, channels: int, class_names: list[str], global_step: int):
-    """The run record of a from-scratch generator (always fp32, no base model)."""
+def generator_run_record(args, generator: str, channels: int, class_names: list[str], global_step: int):
+    """The run record of a generator family trained from nothing by train_scripts/train_<generator>.py (always
+    fp32, no base model)."""
     from medaug.run_record import RunRecord
 
-    return RunRecord(base_model="", resolution=args.resolution, script=script, conditioning="none",
+    return RunRecord(base_model="", resolution=args.resolution, script=f"train_{generator}", conditioning="none",
                      unet_train_mode="none", fit=args.fit, channels=channels, generator=generator,
                      generator_condition=args.condition, class_names=class_names,
                      train_data_dir=str(Path(args.train_data_dir).resolve()), split=args.split, steps=global_step,
