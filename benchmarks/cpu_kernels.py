@@ -6,9 +6,11 @@ torch.compile, for a sampling forward pass and a LoRA training step, ratio again
 
 The UNet is a from-scratch `medaug init-model` preset (small: 16.8 M parameters) at its base's resolution (128 px,
 32x32 latents). Sampling: a batch of 16 latents (8 images and their unconditional halves, as `medaug generate`
-runs them), no gradients. Training: batch 4, LoRA rank 4 on the attention projections (medaug.training.lora), MSE
-backward and an AdamW step on the adapters. Each variant is timed --repeats times after one warm-up call; medians and
-the fastest run are printed. With --compile, `torch.compile` (inductor) is timed too: its first call (the compile)
+runs them), no gradients. Both attend to 77 text-feature tokens, CLIP's length, as finetune.py's cached features do.
+Training: batch 4, LoRA rank 4 on the attention projections (medaug.training.lora), MSE backward and an AdamW step on
+the adapters; one variant with medaug.models.attention's matmul-backward attention, which finetune.py uses for bf16 on
+a CPU. Each variant is timed --repeats times after one warm-up call, the variants in turn within each round; medians
+and the fastest run are printed. With --compile, `torch.compile` (inductor) is timed too: its first call (the compile)
 apart from its steady state.
 """
 
@@ -26,6 +28,9 @@ from pathlib import Path
 
 import torch
 
+from medaug.models.attention import use_matmul_backward_attention
+from medaug.models.tokenizer import MODEL_MAX_LENGTH
+
 
 def load_unet(preset: str):
     from diffusers import UNet2DConditionModel
@@ -37,16 +42,22 @@ def load_unet(preset: str):
         return UNet2DConditionModel.from_pretrained(Path(folder) / "base" / "unet").eval()
 
 
-def timed(call, repeats: int) -> dict:
-    started = time.perf_counter()
-    call()
-    first = time.perf_counter() - started
-    seconds = []
-    for _ in range(repeats):
+def timed(calls: dict, repeats: int) -> dict:
+    """Each call's first-call seconds and median and fastest ms over `repeats` rounds; the rounds visit every call in
+    turn, so that a slow minute of a shared machine falls on every variant alike."""
+    results, seconds = {}, {name: [] for name in calls}
+    for name, call in calls.items():
         started = time.perf_counter()
         call()
-        seconds.append(time.perf_counter() - started)
-    return {"first_call_s": first, "median_ms": 1000 * statistics.median(seconds), "min_ms": 1000 * min(seconds)}
+        results[name] = {"first_call_s": time.perf_counter() - started}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            seconds[name].append(time.perf_counter() - started)
+    for name, row in results.items():
+        row.update(median_ms=1000 * statistics.median(seconds[name]), min_ms=1000 * min(seconds[name]))
+    return results
 
 
 def inputs(unet, batch: int, channels_last: bool = False):
@@ -54,7 +65,8 @@ def inputs(unet, batch: int, channels_last: bool = False):
     latents = torch.randn(batch, unet.config.in_channels, size, size)
     if channels_last:
         latents = latents.to(memory_format=torch.channels_last)
-    return latents, torch.randint(0, 1000, (batch,)), torch.randn(batch, 8, unet.config.cross_attention_dim)
+    hidden = torch.randn(batch, MODEL_MAX_LENGTH, unet.config.cross_attention_dim)  # as finetune.py's cached features
+    return latents, torch.randint(0, 1000, (batch,)), hidden
 
 
 def sampling_variants(unet, options) -> dict:
@@ -64,16 +76,19 @@ def sampling_variants(unet, options) -> dict:
                 "bf16 autocast, channels-last": (channels_last, True, True)}
     if options.compile:
         variants["bf16 autocast, torch.compile"] = (torch.compile(copy.deepcopy(unet)), True, False)
-    results = {}
+    calls = {}
     for name, (model, autocast, channels_last) in variants.items():
         latents, timesteps, hidden = inputs(unet, 16, channels_last)
+        calls[name] = sampling_call(model, autocast, latents, timesteps, hidden)
+    return timed(calls, options.repeats)
 
-        def call():
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                model(latents, timesteps, hidden)
 
-        results[name] = timed(call, options.repeats)
-    return results
+def sampling_call(model, autocast: bool, latents, timesteps, hidden):
+    def call():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(latents, timesteps, hidden)
+
+    return call
 
 
 def lora_unet(unet, frozen_dtype):
@@ -88,29 +103,35 @@ def lora_unet(unet, frozen_dtype):
 
 
 def training_variants(unet, options) -> dict:
-    variants = {"fp32": (torch.float32, False), "bf16 autocast, fp32 frozen weights": (torch.float32, True),
-                "bf16 autocast, bf16 frozen weights": (torch.bfloat16, True)}
-    results = {}
-    for name, (frozen_dtype, autocast) in variants.items():
+    variants = {"fp32": (torch.float32, False, False),
+                "bf16 autocast, fp32 frozen weights": (torch.float32, True, False),
+                "bf16 autocast, bf16 frozen weights": (torch.bfloat16, True, False),
+                "bf16, bf16 frozen, matmul-backward attention": (torch.bfloat16, True, True)}
+    calls = {}
+    for name, (frozen_dtype, autocast, matmul_backward) in variants.items():
         model, optimizer = lora_unet(unet, frozen_dtype)
-        latents, timesteps, hidden = inputs(unet, 4)
+        if matmul_backward:
+            use_matmul_backward_attention(model)
+        calls[name] = training_call(model, optimizer, autocast, *inputs(unet, 4))
+    return timed(calls, options.repeats)
 
-        def call():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                prediction = model(latents, timesteps, hidden).sample
-            torch.nn.functional.mse_loss(prediction.float(), latents).backward()
-            optimizer.step()
-            optimizer.zero_grad()
 
-        results[name] = timed(call, options.repeats)
-    return results
+def training_call(model, optimizer, autocast: bool, latents, timesteps, hidden):
+    def call():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            prediction = model(latents, timesteps, hidden).sample
+        torch.nn.functional.mse_loss(prediction.float(), latents).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return call
 
 
 def print_block(title: str, results: dict) -> None:
     base = results["fp32"]["median_ms"]
-    print(f"{title}\n  {'variant':36} {'median ms':>10} {'min ms':>8} {'vs fp32':>8} {'first call s':>13}")
+    print(f"{title}\n  {'variant':46} {'median ms':>10} {'min ms':>8} {'vs fp32':>8} {'first call s':>13}")
     for name, row in results.items():
-        print(f"  {name:36} {row['median_ms']:10.1f} {row['min_ms']:8.1f} {base / row['median_ms']:7.2f}x "
+        print(f"  {name:46} {row['median_ms']:10.1f} {row['min_ms']:8.1f} {base / row['median_ms']:7.2f}x "
               f"{row['first_call_s']:13.1f}")
 
 

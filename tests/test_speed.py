@@ -4,6 +4,7 @@ unconditional embedding, and generation at the precision chosen."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -151,12 +152,14 @@ def test_fp16_on_a_cpu_is_refused_before_anything_is_written(model_folder, phant
 
 @pytest.mark.parametrize("script", ["finetune", "train_controlnet"])
 def test_bf16_training_runs_on_a_cpu_and_keeps_fp32_weights(script, tiny_model_dir, phantom_dir, tmp_path,
-                                                          one_torch_thread, fresh_accelerate_state):
+                                                          one_torch_thread, fresh_accelerate_state, caplog):
     """bf16 autocast on the CPU (emulated where the CPU has no bf16 instructions): a ControlNet residual meets the
-    frozen UNet, validation samples, and what is saved is fp32."""
+    frozen UNet, attention trains through the matmul backward, validation samples, and what is saved is fp32."""
     from safetensors.torch import load_file
 
     from medaug.scripts import finetune, train_controlnet
+
+    caplog.set_level(logging.INFO, logger="medaug")
 
     module = {"finetune": finetune, "train_controlnet": train_controlnet}[script]
     output_dir = tmp_path / "out"
@@ -171,3 +174,93 @@ def test_bf16_training_runs_on_a_cpu_and_keeps_fp32_weights(script, tiny_model_d
     weights = next(output_dir.glob("controlnet/*.safetensors" if script == "train_controlnet" else "*.safetensors"))
     assert {tensor.dtype for tensor in load_file(weights).values()} == {torch.float32}
     assert (output_dir / "validation" / "step-000002.png").is_file()
+    assert "attention: SDPA forward, matmul backward" in caplog.text
+
+
+def attention_inputs(unet, batch: int = 2):
+    generator = torch.Generator().manual_seed(0)
+    size, tokens = unet.config.sample_size, 5
+    latents = torch.randn(batch, unet.config.in_channels, size, size, generator=generator)
+    hidden = torch.randn(batch, tokens, unet.config.cross_attention_dim, generator=generator)
+    keep = torch.ones(batch, tokens)
+    keep[:, -2:] = 0  # the last two tokens masked out: the mask reaches the cross-attention
+    return latents, torch.tensor([10, 500]), hidden, keep
+
+
+def test_matmul_backward_processor_computes_what_diffusers_default_does(tiny_model_dir):
+    from diffusers import UNet2DConditionModel
+
+    from medaug.models.attention import MatmulBackwardAttention, use_matmul_backward_attention
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").eval()
+    latents, timesteps, hidden, keep = attention_inputs(unet)
+    with torch.no_grad():
+        default = unet(latents, timesteps, hidden, encoder_attention_mask=keep).sample
+        unmasked = unet(latents, timesteps, hidden).sample
+        use_matmul_backward_attention(unet)
+        ours = unet(latents, timesteps, hidden, encoder_attention_mask=keep).sample
+    assert {type(processor) for processor in unet.attn_processors.values()} == {MatmulBackwardAttention}
+    assert torch.allclose(ours, default, atol=1e-5)
+    assert not torch.allclose(ours, unmasked, atol=1e-3)  # the mask mattered, and was applied alike
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "additive", "boolean"])
+def test_recomputed_attention_has_pytorchs_gradients(mask_kind):
+    from medaug.models.attention import recomputed_attention
+
+    generator = torch.Generator().manual_seed(1)
+    query, key, value = (torch.randn(2, 3, length, 8, generator=generator, dtype=torch.float64)
+                         for length in (6, 5, 5))
+    keep = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    keep[0, ..., -2:] = False
+    mask = {"none": None, "boolean": keep,
+            "additive": torch.zeros(2, 1, 1, 5, dtype=torch.float64).masked_fill(~keep, -1e4)}[mask_kind]
+    weights = torch.randn(2, 3, 6, 8, generator=generator, dtype=torch.float64)
+    results = []
+    for attention in (recomputed_attention, torch.nn.functional.scaled_dot_product_attention):
+        inputs = [tensor.clone().requires_grad_(True) for tensor in (query, key, value)]
+        output = attention(*inputs, attn_mask=mask) if attention is not recomputed_attention else attention(
+            *inputs, mask)
+        (output * weights).sum().backward()
+        results.append([output.detach(), *(tensor.grad for tensor in inputs)])
+    for ours, pytorchs in zip(*results):
+        assert torch.allclose(ours, pytorchs, atol=1e-10)
+    if mask_kind != "none":
+        assert results[0][2][0, :, -2:].abs().max() < 1e-8  # masked keys get no gradient
+
+
+def test_only_the_inputs_that_need_it_get_a_gradient():
+    from medaug.models.attention import recomputed_attention
+
+    query, key, value = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    value.requires_grad_(True)
+    recomputed_attention(query, key, value).sum().backward()
+    assert value.grad is not None and query.grad is None and key.grad is None
+
+
+def test_a_bf16_lora_step_through_the_matmul_backward_matches_the_default(tiny_model_dir):
+    """The same LoRA gradients under bf16 autocast as diffusers' default attention, to bf16's precision."""
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    from medaug.models.attention import use_matmul_backward_attention
+    from medaug.training.lora import UNET_TARGETS, add_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").requires_grad_(False)
+    add_lora(unet, 4, UNET_TARGETS)
+    for name, parameter in unet.named_parameters():
+        if "lora_B" in name:  # B starts at zero; a nonzero B lets A's gradients be compared too
+            torch.nn.init.normal_(parameter, std=0.1)
+    latents, timesteps, hidden, _ = attention_inputs(unet)
+    gradients = []
+    for model in (unet, copy.deepcopy(unet)):
+        if gradients:
+            use_matmul_backward_attention(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            prediction = model(latents, timesteps, hidden).sample
+        torch.nn.functional.mse_loss(prediction.float(), latents).backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    default, ours = gradients
+    assert torch.isfinite(ours).all() and default.abs().max() > 0
+    assert torch.nn.functional.cosine_similarity(ours, default, dim=0) > 0.999

@@ -34,8 +34,8 @@ from medaug.run_record import RunRecord, write_run_record
 from medaug.speed import DEFAULT_STEPS, choose_threads, frozen_weight_dtype, training_precision
 from medaug.training.arguments import (HelpFormatter, add_config_flag, add_refused_diffusers_flags, dataset_folder,
                                        epoch_steps, parse_with_config, positive_int, set_tf32, train_steps)
-from medaug.training.base_model import (check_base_flag, check_xformers, load_base, resolve_resolution,
-                                        vae_downsampling)
+from medaug.training.base_model import (check_base_flag, check_xformers, choose_attention, load_base,
+                                        resolve_resolution, vae_downsampling)
 from medaug.training.cache import DEFAULT_CACHE_DIR, TensorCache
 from medaug.training.checkpoint import (load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
@@ -308,8 +308,8 @@ def train(args: argparse.Namespace) -> dict:
     condition = kind.build(args.pretrained_model_name_or_path, unet.config.cross_attention_dim, tokenizer,
                            text_encoder, settings)
     inputs = condition.inputs(folder, rows)  # checks every row's prompt, reference image or embedding
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
+    logger.info("attention: %s", choose_attention(args.enable_xformers_memory_efficient_attention,
+                                                   accelerator.mixed_precision, accelerator.device, unet))
     vae.to(accelerator.device)  # the VAE stays fp32: it decodes to NaN in fp16 on some inputs
     text_encoder.to(accelerator.device, dtype=torch.float32 if args.train_text_encoder else weight_dtype)
     for frozen in condition.frozen_modules():

@@ -41,7 +41,8 @@ from medaug.run_record import RunRecord, read_run_record, write_run_record
 from medaug.speed import DEFAULT_STEPS, choose_threads, frozen_weight_dtype, training_precision
 from medaug.training.arguments import (HelpFormatter, add_config_flag, add_refused_diffusers_flags, dataset_folder,
                                        epoch_steps, parse_with_config, positive_int, set_tf32, train_steps)
-from medaug.training.base_model import check_base_flag, check_xformers, load_base, resolve_resolution
+from medaug.training.base_model import (check_base_flag, check_xformers, choose_attention, load_base,
+                                        resolve_resolution)
 from medaug.training.cache import DEFAULT_CACHE_DIR, TensorCache
 from medaug.training.checkpoint import (load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
@@ -422,8 +423,6 @@ def train(args: argparse.Namespace) -> dict:
         # A fused text-encoder LoRA changes the features, so --lora_dir's files are part of their cache key.
         condition.cache_sources = (*condition.cache_sources, Path(args.lora_dir) / LORA_WEIGHTS_NAME)
     inputs = condition.inputs(folder, rows)
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
     vae.to(accelerator.device)  # fp32: the VAE decodes to NaN in fp16 on some inputs
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     for frozen in condition.frozen_modules():
@@ -444,8 +443,8 @@ def train(args: argparse.Namespace) -> dict:
     controlnet = build_controlnet(args, unet, vae)  # copied from the fp32 UNet, before it is cast
     unet.to(accelerator.device, dtype=weight_dtype)
     make_trainable(args, controlnet)
-    if args.enable_xformers_memory_efficient_attention:
-        controlnet.enable_xformers_memory_efficient_attention()
+    logger.info("attention: %s", choose_attention(args.enable_xformers_memory_efficient_attention,
+                                                   accelerator.mixed_precision, accelerator.device, unet, controlnet))
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
     trainable = {"controlnet": controlnet}

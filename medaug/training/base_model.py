@@ -28,6 +28,24 @@ def check_xformers(requested: bool) -> None:
                          "(pip install 'medaug[xformers]', CUDA only); without the flag PyTorch SDPA is used")
 
 
+def choose_attention(xformers: bool, mixed_precision: str, device, *models) -> str:
+    """Set the attention of `models` for training and name it: xformers when asked; on a CPU training in bf16,
+    medaug.models.attention's processor (the fused forward with a matmul backward, faster there for a LoRA step);
+    otherwise diffusers' default, PyTorch SDPA."""
+    import torch
+
+    if xformers:
+        for model in models:
+            model.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    if mixed_precision == "bf16" and torch.device(device).type == "cpu":
+        from medaug.models.attention import use_matmul_backward_attention
+
+        use_matmul_backward_attention(*models)
+        return "SDPA forward, matmul backward (bf16 on a CPU)"
+    return "SDPA"
+
+
 def load_base(base: str, prediction_type: str | None = None, cache_dir: str | None = None):
     """(tokenizer, text_encoder, vae, unet, noise_scheduler) of a base, every module frozen; `cache_dir` is the
     Hugging Face Hub cache a Hub name is read through (None: the Hub's default)."""
