@@ -10,7 +10,8 @@ rows for their conditions only.
 Every image is job (source, number) with its own seed, derived from `seed` and that pair only. Jobs are cut
 into batches of `batch_size` in order, and under `accelerate launch` process k takes the batches whose number is
 k modulo the number of processes; a batch is always sampled whole, so reruns and any split over processes give
-bit-identical images (another --batch_size changes floating-point sums, by at most a grey level or so). Files
+bit-identical images (another --batch_size changes floating-point sums, by at most a grey level or so; "auto",
+the default, depends on the memory free, so give a number where images must match across machines). Files
 are written under a temporary name and renamed; a job is done once its manifest line is written; a rerun skips
 done jobs.
 """
@@ -33,7 +34,8 @@ from medaug.generate_sources import (GENERATOR_FAMILIES, Source, generator_sourc
 from medaug.outputs import output_lock
 from medaug.run_loader import SCHEDULERS, check_run_files
 from medaug.run_record import RECORD_NAME, RunRecord, read_run_record
-from medaug.speed import DEFAULT_SCHEDULER, DEFAULT_STEPS, autocast, choose_threads, resolve_precision
+from medaug.speed import (DEFAULT_SCHEDULER, DEFAULT_STEPS, auto_batch_size, autocast, choose_threads,
+                          resolve_precision, sampling_bytes_per_image)
 from medaug.synthetic import (check_output_folder, finished_files, prepare_output_folder, write_array_png,
                               write_metadata)
 
@@ -282,30 +284,62 @@ def generate(model_dir: str | Path | None, output_dir: str | Path, edges: str | 
              embeddings_file: str | Path | None = None, split: str = "train", num_per_source: int = 1,
              num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = 3.0,
              controlnet_conditioning_scale: float = 1.0, scheduler: str = DEFAULT_SCHEDULER, seed: int = 0,
-             batch_size: int = 4, resolution: int | None = None, resume: bool = False, overwrite: bool = False,
-             max_sources: int | None = None,
+             batch_size: int | str = "auto", resolution: int | None = None, resume: bool = False,
+             overwrite: bool = False, max_sources: int | None = None,
              base_model: str | Path | None = None, lora_weights: str | Path | None = None,
-             controlnet: str | Path | None = None, precision: str = "auto",
+             controlnet: str | Path | None = None, precision: str = "auto", compile_model: bool = False,
              progress: Callable[[int], None] | None = None, on_start: Callable[[int], None] | None = None) -> dict:
     """Generate a synthetic dataset folder; return {written, skipped, total, seconds, images_per_second, ...}.
 
     Raises ValueError (or FileNotFoundError, FileExistsError) naming the flag or file at fault before any file
     is written. `precision` (medaug.speed.PRECISIONS): "auto" samples in bf16 autocast where the device computes
-    bf16 natively; the resolved precision is recorded with the folder's settings. `on_start(jobs)` is told how
-    many jobs this process has left, `progress(n)` as they finish.
+    bf16 natively; the resolved precision is recorded with the folder's settings. `batch_size` "auto" is chosen
+    from the memory free once the model is loaded (medaug.speed.auto_batch_size). `compile_model` runs the UNet (and
+    ControlNet) through torch.compile: a minute's compile that pays back only over long runs (benchmarks/RESULTS.md,
+    "What each CPU option buys"); a last, smaller batch runs uncompiled rather than compile again. `on_start(jobs)`
+    is told how many jobs this process has left, `progress(n)` as they finish.
     """
-    if batch_size < 1:
-        raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+    batch_size = parse_batch_size(batch_size)
     output_dir = Path(output_dir)
     plan = plan_generation(model_dir, edges, from_masks, from_images, prompt,
                            str(embeddings_file) if embeddings_file else None, split, num_per_source,
                            num_inference_steps, guidance_scale, controlnet_conditioning_scale, scheduler, seed,
                            resolution, max_sources, base_model, lora_weights, controlnet)
+    if compile_model and plan.record.generator != "latent_diffusion":
+        raise ValueError(f"--compile: only latent diffusion models have a denoiser to compile; this is a "
+                         f"{plan.record.generator} model, one cheap pass per image")
     state = process_state()
     plan.settings["precision"] = generation_precision(plan.record, precision, state.device)
     with output_lock(output_dir, enabled=state.is_main_process):  # one run writes a folder at a time
         check_output_folder(output_dir, plan.settings, resume, overwrite, GROWABLE)
-        return _generate_into(output_dir, plan, state, batch_size, overwrite, progress, on_start)
+        return _generate_into(output_dir, plan, state, batch_size, compile_model, overwrite, progress, on_start)
+
+
+def parse_batch_size(value: int | str) -> int | str:
+    """A whole number of at least 1, or "auto" (a --config file's number may arrive as text)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--batch_size: expected a whole number or auto, got {value!r}") from None
+    if number < 1 or str(value).strip() != str(number):
+        raise ValueError(f"--batch_size must be a whole number of at least 1 or auto, got {value!r}")
+    return number
+
+
+def sampling_batch_size(batch_size: int | str, plan: Plan, pipeline, device) -> tuple[int, str]:
+    """(images per batch, why): --batch_size as given, or "auto" from the model's size and the memory free now.
+    The generators trained from nothing make an image in one small forward pass: "auto" gives them the cap."""
+    if batch_size != "auto":
+        return batch_size, "--batch_size"
+    if plan.record.generator != "latent_diffusion":
+        return auto_batch_size(0, device)
+    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    latent_pixels = (plan.settings["resolution"] // vae_scale) ** 2
+    per_image = sampling_bytes_per_image(latent_pixels, max(pipeline.unet.config.block_out_channels),
+                                         plan.settings["precision"])
+    return auto_batch_size(per_image, device)
 
 
 def generation_precision(record: RunRecord, precision: str, device) -> str:
@@ -315,7 +349,15 @@ def generation_precision(record: RunRecord, precision: str, device) -> str:
     return resolved if record.generator == "latent_diffusion" else "fp32"
 
 
-def _generate_into(output_dir: Path, plan: Plan, state, batch_size: int, overwrite: bool,
+def compiled_denoisers(pipeline) -> tuple[dict, dict]:
+    """(eager, compiled): the pipeline's UNet and ControlNet as loaded, and each through torch.compile."""
+    import torch
+
+    eager = {name: getattr(pipeline, name) for name in ("unet", "controlnet") if getattr(pipeline, name, None)}
+    return eager, {name: torch.compile(module) for name, module in eager.items()}
+
+
+def _generate_into(output_dir: Path, plan: Plan, state, batch_size: int | str, compile_model: bool, overwrite: bool,
                    progress: Callable[[int], None] | None, on_start: Callable[[int], None] | None) -> dict:
     import torch
 
@@ -323,6 +365,8 @@ def _generate_into(output_dir: Path, plan: Plan, state, batch_size: int, overwri
     loading = time.perf_counter()
     pipeline = load_pipeline(plan, state.device)
     load_seconds = time.perf_counter() - loading
+    batch_size, batch_reason = sampling_batch_size(batch_size, plan, pipeline, state.device)
+    eager, compiled = compiled_denoisers(pipeline) if compile_model else ({}, {})
     if state.is_main_process:
         prepare_output_folder(output_dir, plan.settings, overwrite,
                               masks=any(job.mask_file_name for job in plan.jobs))
@@ -334,6 +378,8 @@ def _generate_into(output_dir: Path, plan: Plan, state, batch_size: int, overwri
         on_start(pending)
     started = time.perf_counter()
     for batch in mine:
+        for name, module in (compiled if len(batch) == batch_size else eager).items():
+            setattr(pipeline, name, module)  # a smaller last batch would compile once more
         arguments, prompts, hashes = _batch_inputs(plan, batch)
         generators = [torch.Generator().manual_seed(job.seed) for job in batch]
         extra = ({"controlnet_conditioning_scale": plan.settings["controlnet_conditioning_scale"]}
@@ -359,6 +405,7 @@ def _generate_into(output_dir: Path, plan: Plan, state, batch_size: int, overwri
     return {"written": written, "skipped": sum(job.file_name in done for job in plan.jobs),
             "total": len(plan.jobs), "seconds": seconds, "images_per_second": written / seconds if seconds > 0 else 0.0,
             "load_seconds": load_seconds, "processes": state.num_processes, "output_dir": str(output_dir),
+            "batch_size": batch_size, "batch_size_reason": batch_reason, "compiled": bool(compiled),
             "precision": plan.settings["precision"], "torch_threads": threads, "torch_threads_reason": thread_reason,
             "manifest": str(output_dir / MANIFEST_NAME)}
 

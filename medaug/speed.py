@@ -5,6 +5,8 @@ precision a device runs fast at, and the default sampler. Each choice is measure
   and every step then waits on a descheduled thread (measured: ~10x slower). `choose_threads()` counts the cores
   idle over a short sample of /proc/stat and uses that many; `MEDAUG_NUM_THREADS` or `OMP_NUM_THREADS` set by the
   user win.
+- Batch size: "auto" for sampling takes the largest power of two up to a cap (on a CPU, 8: images/s stop rising
+  there) whose estimated memory fits the memory free now (`auto_batch_size`).
 - Precision: "auto" means bf16 autocast where the hardware computes bf16 natively (a CUDA GPU that supports it,
   or a CPU with AVX512-BF16 or AMX-BF16), fp32 elsewhere. Emulated bf16 on an older CPU is slower than fp32, so
   it is never chosen there.
@@ -155,3 +157,54 @@ def choose_threads() -> tuple[int, str]:
         _chosen = thread_choice()
         torch.set_num_threads(_chosen[0])
     return _chosen
+
+
+# Sampling memory an image costs, in bytes per latent pixel per channel of the UNet's widest block, with guidance and
+# at 16 bits: ~60-95 for the small preset on a CPU (UNet only; ru_maxrss over batches 4-32) and ~115 for SD 1.5 with a
+# ControlNet on an H200 (peak at batch 4 less the weights, VAE decode included); rounded up. fp32 doubles it.
+SAMPLING_BYTES_PER_CHANNEL_PIXEL = 128
+# Batch caps: on a CPU, the small preset's sampling images/s rose to batch 4-8 and no further (39, 43, 39, 46 images
+# per UNet-step-second at 4, 8, 16, 32; benchmarks/RESULTS.md). On CUDA the cap is a memory guard only: the speed
+# of bigger batches there was not measured.
+AUTO_BATCH_CAP = {"cpu": 8, "cuda": 16}
+MEMORY_FRACTION = {"cpu": 0.5, "cuda": 0.8}  # of the memory free now that one batch may take
+
+
+def free_memory_bytes(device) -> int | None:
+    """Memory free now for `device`: CUDA's free device memory, a CPU's MemAvailable; None where unknown."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def sampling_bytes_per_image(latent_pixels: int, widest_channels: int, precision: str) -> int:
+    return SAMPLING_BYTES_PER_CHANNEL_PIXEL * latent_pixels * widest_channels * (2 if precision == "fp32" else 1)
+
+
+def auto_batch_size(per_image_bytes: int, device, free_bytes: int | None = None) -> tuple[int, str]:
+    """(batch size, why): the largest power of two up to the device's cap whose `per_image_bytes` fit its share of
+    the free memory (`free_bytes`, read now when not given); at least 1."""
+    import torch
+
+    kind = torch.device(device).type
+    cap = AUTO_BATCH_CAP.get(kind, 1)
+    free = free_memory_bytes(device) if free_bytes is None else free_bytes
+    if free is None:
+        return cap, f"auto: {cap}, the {kind} cap (free memory unknown)"
+    batch = cap
+    while batch > 1 and batch * per_image_bytes > MEMORY_FRACTION.get(kind, 0.5) * free:
+        batch //= 2
+    return batch, (f"auto: {batch} (about {per_image_bytes / 2**20:.0f} MiB an image, {free / 2**30:.1f} GiB free, "
+                   f"at most {cap} on a {kind})")

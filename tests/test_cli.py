@@ -45,8 +45,8 @@ SUBCOMMANDS = {
             "--seeds", "--gradcam_images", "--device", "--config"],
     "generate": ["--model_dir", "--output_dir", "--edges", "--from_masks", "--from_images", "--prompt",
                  "--embeddings_file", "--split", "--num_per_source", "--num_inference_steps", "--guidance_scale",
-                 "--controlnet_conditioning_scale", "--scheduler", "--precision", "--seed", "--batch_size",
-                 "--resolution", "--resume", "--overwrite", "--max_sources", "--base_model", "--lora_weights",
+                 "--controlnet_conditioning_scale", "--scheduler", "--precision", "--compile", "--seed",
+                 "--batch_size", "--resolution", "--resume", "--overwrite", "--max_sources", "--base_model", "--lora_weights",
                  "--controlnet", "--config"],
 }
 

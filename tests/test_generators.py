@@ -87,6 +87,9 @@ def test_autoencoder_generates_pairs_a_segmentation_study_accepts(autoencoder_ru
     assert len(load_study_data("seg", phantom_dir, [tmp_path / "synthetic"]).synthetic) == 6
     with pytest.raises(ValueError, match="--from_masks: .* draws each image for a mask"):
         generate(output_dir, tmp_path / "none")
+    with pytest.raises(ValueError, match="--compile: only latent diffusion"):
+        generate(output_dir, tmp_path / "compiled", from_masks=phantom_dir, compile_model=True)
+    assert not (tmp_path / "compiled").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

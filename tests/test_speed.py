@@ -150,6 +150,82 @@ def test_fp16_on_a_cpu_is_refused_before_anything_is_written(model_folder, phant
     assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("free_gib", "per_image_mib", "expected"),
+                         [(None, 15, 8), (16, 15, 8), (0.2, 15, 4), (0.05, 15, 1), (1, 10_000, 1)])
+def test_auto_batch_is_the_largest_power_of_two_that_fits_half_the_free_memory(free_gib, per_image_mib, expected):
+    free = None if free_gib is None else int(free_gib * 2**30)
+    batch, reason = speed.auto_batch_size(per_image_mib * 2**20, "cpu", free_bytes=free)
+    assert batch == expected and reason.startswith(f"auto: {expected}")
+
+
+def test_sampling_memory_grows_with_the_latent_the_model_and_fp32():
+    bf16 = speed.sampling_bytes_per_image(32 * 32, 256, "bf16")
+    assert speed.sampling_bytes_per_image(64 * 64, 256, "bf16") == 4 * bf16
+    assert speed.sampling_bytes_per_image(32 * 32, 256, "fp32") == 2 * bf16
+    assert 8 * 2**20 < bf16 < 64 * 2**20  # the small preset at 128 px: measured 15-24 MiB an image
+    assert speed.free_memory_bytes("cpu") > 0
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "2.5", 0])
+def test_a_bad_batch_size_is_refused_by_name(value):
+    from medaug.generate import parse_batch_size
+
+    with pytest.raises(ValueError, match="--batch_size"):
+        parse_batch_size(value)
+    assert parse_batch_size("8") == parse_batch_size(8) == 8 and parse_batch_size("AUTO") == "auto"
+
+
+def test_generate_chooses_its_batch_from_free_memory_and_says_so(model_folder, phantom_dir, tmp_path, monkeypatch,
+                                                                one_torch_thread):
+    from medaug import generate as generate_module
+
+    monkeypatch.setattr(speed, "free_memory_bytes", lambda device: 2**20)  # 1 MiB free: one image at a time
+    summary = generate_module.generate(model_folder(), tmp_path / "out", from_masks=phantom_dir, max_sources=3,
+                                       num_inference_steps=2)
+    assert summary["written"] == 3 and summary["batch_size"] == 1
+    assert summary["batch_size_reason"].startswith("auto: 1 (")
+    monkeypatch.setattr(speed, "free_memory_bytes", lambda device: 2**40)
+    summary = generate_module.generate(model_folder(), tmp_path / "more", from_masks=phantom_dir, max_sources=3,
+                                       num_inference_steps=2)
+    assert summary["batch_size"] == speed.AUTO_BATCH_CAP["cpu"]
+
+
+def test_an_unreadable_batch_size_fails_before_anything_is_written(model_folder, phantom_dir, tmp_path):
+    from medaug.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model_dir", str(model_folder()), "--from_masks", str(phantom_dir), "--output_dir",
+              str(tmp_path / "out"), "--batch_size", "lots"])
+    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_compiled_generation_makes_the_eager_images_and_runs_a_short_last_batch_eager(model_folder, phantom_dir,
+                                                                                     tmp_path, monkeypatch):
+    """torch.compile for real (inductor, most of a minute for the tiny UNet on a CPU): same images as eager
+    within a grey level, and the last batch of one image runs on the eager modules rather than compiling again."""
+    from PIL import Image
+
+    from medaug import generate as generate_module
+
+    calls = []
+    original = generate_module.compiled_denoisers
+    monkeypatch.setattr(generate_module, "compiled_denoisers", lambda pipeline: calls.append(
+        pipeline) or original(pipeline))
+    model = model_folder()
+    options = {"from_masks": phantom_dir, "max_sources": 3, "num_inference_steps": 2, "batch_size": 2,
+               "precision": "fp32"}
+    summaries = {mode: generate_module.generate(model, tmp_path / mode, compile_model=mode == "compiled", **options)
+                 for mode in ("eager", "compiled")}
+    assert [summaries[mode]["compiled"] for mode in ("eager", "compiled")] == [False, True]
+    pipeline = calls[0]
+    assert type(pipeline.unet).__name__ != "OptimizedModule"  # the last batch, one image, ran eager
+    images = {mode: np.stack([np.asarray(Image.open(path), dtype=float)
+                              for path in sorted((tmp_path / mode / "images").glob("*.png"))]) for mode in summaries}
+    assert images["compiled"].shape == images["eager"].shape == (3, 64, 64)
+    assert np.abs(images["compiled"] - images["eager"]).max() <= 2.0
+
+
 @pytest.mark.parametrize("script", ["finetune", "train_controlnet"])
 def test_bf16_training_runs_on_a_cpu_and_keeps_fp32_weights(script, tiny_model_dir, phantom_dir, tmp_path,
                                                           one_torch_thread, fresh_accelerate_state, caplog):
