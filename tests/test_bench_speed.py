@@ -154,3 +154,18 @@ def test_cpu_kernels_times_every_variant_against_fp32_in_one_run(tmp_path):
     for block in ("sampling_batch_16", "lora_training_step_batch_4"):
         assert results["ratio"][f"{block}: fp32"] == 1.0
         assert all(row["median_ms"] > 0 and row["first_call_s"] > 0 for row in results[block].values())
+
+
+def test_generate_options_sweeps_batch_sizes_against_a_baseline_batch(tmp_path, one_torch_thread):
+    bench = load_benchmark("generate_options")
+    output = tmp_path / "options.json"
+    results = bench.main(["--preset", "tiny", "--images", "3", "--batch_sizes", "1,2", "--baseline_batch", "2",
+                          "--output", str(output)])
+    assert json.loads(output.read_text())["ratio"] == results["ratio"]
+    rows = results["batch_sizes"]
+    assert set(rows) == {"1", "2", "auto"} and all(row["images"] == 3 for row in rows.values())
+    assert [rows[name]["batch_size"] for name in ("1", "2")] == [1, 2] and rows["auto"]["batch_size"] >= 1
+    assert results["ratio"]["batch 2"] == 1.0 and results["ratio"]["batch 1"] > 0
+    assert rows["1"]["first_batch_seconds"] < rows["1"]["seconds"] and rows["1"]["steady_images_per_second"] > 0
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--batch_sizes", "1,2", "--baseline_batch", "4"])
