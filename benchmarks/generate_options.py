@@ -2,14 +2,14 @@
 """What `medaug generate`'s batch size and --compile buy on this machine, in one run.
 
     python benchmarks/generate_options.py [--preset small] [--images 48] [--batch_sizes 1,2,4,8,16] \
-        [--baseline_batch 4] [--compile] [--output generate_options.json]
+        [--baseline_batch 4] [--repeats 3] [--compile] [--output generate_options.json]
 
 The model is generate_throughput.py's: a from-scratch base of the preset with a LoRA fine-tune (2 steps; the weights'
 values do not change the cost of sampling). Every arm generates the same --images jobs from the phantom masks with
 medaug's defaults (sampler, steps, precision) into a fresh folder; images/s counts sampling and writing, not loading.
 
 - Batch size: each of --batch_sizes, and "auto" (the default, reported with what it chose), with the ratio of
-  images/s against --baseline_batch (4, medaug's default before "auto").
+  median images/s over --repeats rounds against --baseline_batch (4, medaug's default before "auto").
 - --compile: the auto batch with `compile_model=True`, inductor's cache in a fresh folder so the compile is paid as
   a first run pays it. The first batch (the compile and one batch) is timed apart from the rest: steady images/s,
   its ratio against eager, and the break-even, the number of images after which the compile has paid for itself
@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -56,10 +57,17 @@ def timed_generation(model_dir: Path, data: Path, output_dir: Path, images: int,
 
 
 def batch_sweep(model_dir: Path, data: Path, work: Path, options) -> dict:
-    rows = {}
-    for batch in [*options.batch_sizes, "auto"]:
-        rows[str(batch)] = timed_generation(model_dir, data, work / f"batch-{batch}", options.images, batch)
-        print(f"  batch {batch}: {rows[str(batch)]['images_per_second']:.2f} images/s", flush=True)
+    """Every batch size once per round, --repeats rounds (the order reversed every other round); medians."""
+    arms = [*(str(batch) for batch in options.batch_sizes), "auto"]
+    runs = {arm: [] for arm in arms}
+    for repeat in range(options.repeats):
+        for arm in arms if repeat % 2 == 0 else arms[::-1]:
+            batch = arm if arm == "auto" else int(arm)
+            runs[arm].append(timed_generation(model_dir, data, work / f"batch-{arm}-{repeat}", options.images, batch))
+            print(f"  round {repeat + 1}, batch {arm}: {runs[arm][-1]['images_per_second']:.2f} images/s", flush=True)
+    rows = {arm: {**arm_runs[0], "images_per_second": statistics.median(run["images_per_second"] for run in arm_runs),
+                  "images_per_second_runs": [run["images_per_second"] for run in arm_runs]}
+            for arm, arm_runs in runs.items()}
     baseline = rows[str(options.baseline_batch)]["images_per_second"]
     for row in rows.values():
         row["ratio_to_baseline_batch"] = row["images_per_second"] / baseline
@@ -85,6 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_sizes", default="1,2,4,8,16",
                         type=lambda text: [int(value) for value in text.split(",")])
     parser.add_argument("--baseline_batch", type=int, default=4, help="The batch the ratios are against.")
+    parser.add_argument("--repeats", type=int, default=1, help="Rounds of the batch sweep; medians are reported.")
     parser.add_argument("--compile", action="store_true", help="Also time --compile (a minute or more).")
     parser.add_argument("--output", default="generate_options.json")
     options = parser.parse_args(argv)
@@ -124,10 +133,11 @@ def main(argv=None) -> dict:
 
 
 def print_results(results: dict) -> None:
-    print(f"{'batch':>6} {'chosen':>6} {'images/s':>9} {'vs baseline':>12}")
+    print(f"{'batch':>6} {'chosen':>6} {'images/s':>9} {'vs baseline':>12}  runs")
     for name, row in results["batch_sizes"].items():
+        runs = ", ".join(f"{value:.2f}" for value in row["images_per_second_runs"])
         print(f"{name:>6} {row['batch_size']:>6} {row['images_per_second']:9.2f} "
-              f"{row['ratio_to_baseline_batch']:11.2f}x")
+              f"{row['ratio_to_baseline_batch']:11.2f}x  {runs}")
     print(f"auto chose: {results['batch_sizes']['auto']['batch_size_reason']}")
     if "compile" in results:
         result = results["compile"]

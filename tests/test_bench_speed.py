@@ -160,11 +160,12 @@ def test_generate_options_sweeps_batch_sizes_against_a_baseline_batch(tmp_path, 
     bench = load_benchmark("generate_options")
     output = tmp_path / "options.json"
     results = bench.main(["--preset", "tiny", "--images", "3", "--batch_sizes", "1,2", "--baseline_batch", "2",
-                          "--output", str(output)])
+                          "--repeats", "2", "--output", str(output)])
     assert json.loads(output.read_text())["ratio"] == results["ratio"]
     rows = results["batch_sizes"]
     assert set(rows) == {"1", "2", "auto"} and all(row["images"] == 3 for row in rows.values())
     assert [rows[name]["batch_size"] for name in ("1", "2")] == [1, 2] and rows["auto"]["batch_size"] >= 1
+    assert all(len(row["images_per_second_runs"]) == 2 for row in rows.values())
     assert results["ratio"]["batch 2"] == 1.0 and results["ratio"]["batch 1"] > 0
     assert rows["1"]["first_batch_seconds"] < rows["1"]["seconds"] and rows["1"]["steady_images_per_second"] > 0
     with pytest.raises(SystemExit):
