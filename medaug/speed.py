@@ -163,9 +163,9 @@ def choose_threads() -> tuple[int, str]:
 # at 16 bits: ~60-95 for the small preset on a CPU (UNet only; ru_maxrss over batches 4-32) and ~115 for SD 1.5 with a
 # ControlNet on an H200 (peak at batch 4 less the weights, VAE decode included); rounded up. fp32 doubles it.
 SAMPLING_BYTES_PER_CHANNEL_PIXEL = 128
-# Batch caps: on a CPU, the small preset's sampling images/s rose to batch 4-8 and no further (39, 43, 39, 46 images
-# per UNet-step-second at 4, 8, 16, 32; benchmarks/RESULTS.md). On CUDA the cap is a memory guard only: the speed
-# of bigger batches there was not measured.
+# Batch caps: on a CPU, `medaug generate`'s images/s for the small preset rose up to batch 4-8 and not measurably
+# beyond (benchmarks/generate_options.py: 0.52x, 0.68x, 1.00x, 1.06x, 1.19x of batch 4 at 1, 2, 4, 8, 16, with a
+# host noise of ~15%; RESULTS.md). On CUDA the cap is a memory guard only: bigger batches' speed there is unmeasured.
 AUTO_BATCH_CAP = {"cpu": 8, "cuda": 16}
 MEMORY_FRACTION = {"cpu": 0.5, "cuda": 0.8}  # of the memory free now that one batch may take
 

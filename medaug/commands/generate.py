@@ -50,8 +50,9 @@ def generate_command(
                          ] = "auto",
     compile_model: Annotated[bool, typer.Option(
         "--compile", help="Compile the UNet (and ControlNet) with torch.compile: about a minute before the first "
-                          "image, then 1.3x faster sampling on a CPU; it pays back after ~1,200 images of the small "
-                          "preset at 128 px there (benchmarks/RESULTS.md). Latent diffusion models only.")] = False,
+                          "image, then 1.4-1.6x faster sampling on a CPU, so it pays back after ~600-850 images of "
+                          "the small preset at 128 px there (benchmarks/RESULTS.md). Latent diffusion models only.")
+                         ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Each image's seed derives from this and its job.")] = 0,
     batch_size: Annotated[str, typer.Option(
         "--batch_size", help="Images per denoising batch, or auto: the largest that fits the memory free once the "
