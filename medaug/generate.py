@@ -334,7 +334,7 @@ def sampling_batch_size(batch_size: int | str, plan: Plan, pipeline, device) -> 
     if batch_size != "auto":
         return batch_size, "--batch_size"
     if plan.record.generator != "latent_diffusion":
-        return auto_batch_size(0, device)
+        return auto_batch_size(0, device)[0], "auto: the cap (one small forward pass an image)"
     vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     latent_pixels = (plan.settings["resolution"] // vae_scale) ** 2
     per_image = sampling_bytes_per_image(latent_pixels, max(pipeline.unet.config.block_out_channels),
