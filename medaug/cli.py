@@ -36,7 +36,8 @@ def env_command(
         table.add_row(name, version or "[red]not installed[/]")
     for key in ("python", "platform", "cuda_available", "cuda_version", "gpus", "bf16_supported",
                 "sdpa_available", "xformers_installed", "xformers_version", "cpu_threads", "usable_cores",
-                "medaug_threads", "medaug_threads_reason", "cpu_bf16_native", "generate_precision_cpu"):
+                "medaug_threads", "medaug_threads_reason", "cpu_bf16_native", "generate_precision_cpu",
+                "train_attention_cpu"):
         table.add_row(key, str(report[key]))
     console.print(table)
 

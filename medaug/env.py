@@ -42,10 +42,14 @@ def environment_report() -> dict:
 
 
 def speed_report() -> dict:
-    """What medaug's heavy commands would choose now (medaug.speed): threads from the idle cores, precision."""
-    from medaug.speed import cpu_flags, native_bf16, resolve_precision, thread_choice, usable_cores
+    """What medaug's heavy commands would choose now (medaug.speed): threads from the idle cores, precision, and the
+    attention training would use on the CPU."""
+    from medaug.speed import (cpu_flags, native_bf16, resolve_precision, thread_choice, training_precision,
+                              usable_cores)
+    from medaug.training.base_model import training_attention
 
     threads, reason = thread_choice()
     return {"usable_cores": usable_cores(), "medaug_threads": threads, "medaug_threads_reason": reason,
             "cpu_bf16_native": native_bf16("cpu"), "cpu_bf16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
-            "generate_precision_cpu": resolve_precision("auto", "cpu")}
+            "generate_precision_cpu": resolve_precision("auto", "cpu"),
+            "train_attention_cpu": training_attention(False, training_precision("auto", "cpu"), "cpu")}

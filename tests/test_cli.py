@@ -87,6 +87,8 @@ def test_env_reports_versions_and_accelerators():
     for package in ("torch", "diffusers", "transformers", "peft", "accelerate", "monai"):
         assert report["packages"][package], package
     assert isinstance(report["cuda_available"], bool) and isinstance(report["xformers_installed"], bool)
+    assert report["train_attention_cpu"] == ("SDPA forward, matmul backward (bf16 on a CPU)"
+                                             if report["cpu_bf16_native"] else "SDPA")
 
 
 def test_inspect_summarises_a_clean_folder(phantom_dir):

@@ -253,6 +253,16 @@ def test_bf16_training_runs_on_a_cpu_and_keeps_fp32_weights(script, tiny_model_d
     assert "attention: SDPA forward, matmul backward" in caplog.text
 
 
+@pytest.mark.parametrize(("xformers", "precision", "device", "expected"),
+                         [(False, "bf16", "cpu", "SDPA forward, matmul backward (bf16 on a CPU)"),
+                          (False, "no", "cpu", "SDPA"), (False, "bf16", "cuda", "SDPA"),
+                          (True, "bf16", "cpu", "xformers")])
+def test_training_takes_the_matmul_backward_only_for_bf16_on_a_cpu(xformers, precision, device, expected):
+    from medaug.training.base_model import training_attention
+
+    assert training_attention(xformers, precision, device) == expected
+
+
 def attention_inputs(unet, batch: int = 2):
     generator = torch.Generator().manual_seed(0)
     size, tokens = unet.config.sample_size, 5

@@ -28,22 +28,32 @@ def check_xformers(requested: bool) -> None:
                          "(pip install 'medaug[xformers]', CUDA only); without the flag PyTorch SDPA is used")
 
 
-def choose_attention(xformers: bool, mixed_precision: str, device, *models) -> str:
-    """Set the attention of `models` for training and name it: xformers when asked; on a CPU training in bf16,
-    medaug.models.attention's processor (the fused forward with a matmul backward, faster there for a LoRA step);
-    otherwise diffusers' default, PyTorch SDPA."""
+MATMUL_BACKWARD_ATTENTION = "SDPA forward, matmul backward (bf16 on a CPU)"
+
+
+def training_attention(xformers: bool, mixed_precision: str, device) -> str:
+    """The attention training uses: xformers when asked; on a CPU training in bf16, medaug.models.attention's
+    processor (the fused forward with a matmul backward, faster there); otherwise diffusers' default, SDPA."""
     import torch
 
     if xformers:
-        for model in models:
-            model.enable_xformers_memory_efficient_attention()
         return "xformers"
     if mixed_precision == "bf16" and torch.device(device).type == "cpu":
-        from medaug.models.attention import use_matmul_backward_attention
-
-        use_matmul_backward_attention(*models)
-        return "SDPA forward, matmul backward (bf16 on a CPU)"
+        return MATMUL_BACKWARD_ATTENTION
     return "SDPA"
+
+
+def choose_attention(xformers: bool, mixed_precision: str, device, *models) -> str:
+    """Give `models` the attention of `training_attention` and return its name."""
+    choice = training_attention(xformers, mixed_precision, device)
+    for model in models:
+        if choice == "xformers":
+            model.enable_xformers_memory_efficient_attention()
+        elif choice == MATMUL_BACKWARD_ATTENTION:
+            from medaug.models.attention import use_matmul_backward_attention
+
+            use_matmul_backward_attention(model)
+    return choice
 
 
 def load_base(base: str, prediction_type: str | None = None, cache_dir: str | None = None):
