@@ -38,6 +38,7 @@ from medaug.speed import (DEFAULT_SCHEDULER, DEFAULT_STEPS, auto_batch_size, aut
                           resolve_precision, sampling_bytes_per_image)
 from medaug.synthetic import (check_output_folder, finished_files, prepare_output_folder, write_array_png,
                               write_metadata)
+from medaug.training.base_model import vae_downsampling
 
 # The arguments that define a synthetic folder's images: a rerun with any of them changed is refused, except
 # that --resume may raise num_per_source and max_sources (existing images keep their seeds).
@@ -262,7 +263,7 @@ def load_pipeline(plan: Plan, device):
                       MedaugMaskPipeline if plan.record.unet_mask_channels else MedaugPipeline)
     pipeline = pipeline_class.from_medaug(plan.settings["model_dir"], scheduler=plan.settings["scheduler"],
                                           base_model=plan.record.base_model)
-    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    vae_scale = vae_downsampling(pipeline.vae)
     step = vae_scale * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
     if plan.settings["resolution"] % step:
         raise ValueError(f"--resolution {plan.settings['resolution']}: must be a multiple of {step} for this model "
@@ -335,8 +336,7 @@ def sampling_batch_size(batch_size: int | str, plan: Plan, pipeline, device) -> 
         return batch_size, "--batch_size"
     if plan.record.generator != "latent_diffusion":
         return auto_batch_size(0, device)[0], "auto: the cap (one small forward pass an image)"
-    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    latent_pixels = (plan.settings["resolution"] // vae_scale) ** 2
+    latent_pixels = (plan.settings["resolution"] // vae_downsampling(pipeline.vae)) ** 2
     per_image = sampling_bytes_per_image(latent_pixels, max(pipeline.unet.config.block_out_channels),
                                          plan.settings["precision"])
     return auto_batch_size(per_image, device)

@@ -42,7 +42,7 @@ from medaug.speed import DEFAULT_STEPS, choose_threads, frozen_weight_dtype, tra
 from medaug.training.arguments import (HelpFormatter, add_config_flag, add_refused_diffusers_flags, dataset_folder,
                                        epoch_steps, parse_with_config, positive_int, set_tf32, train_steps)
 from medaug.training.base_model import (check_base_flag, check_xformers, choose_attention, load_base,
-                                        resolve_resolution)
+                                        resolve_resolution, vae_downsampling)
 from medaug.training.cache import DEFAULT_CACHE_DIR, TensorCache
 from medaug.training.checkpoint import (load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
@@ -247,7 +247,7 @@ def build_controlnet(args, unet, vae):
     if args.controlnet_model_name_or_path:
         return ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, use_safetensors=True,
                                                cache_dir=args.cache_dir)
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae_scale = vae_downsampling(vae)
     entries = int(math.log2(vae_scale)) + 1
     if entries > len(CONDITIONING_CHANNELS):
         raise ValueError(f"the base VAE downsamples {vae_scale}x; ControlNet supports up to "

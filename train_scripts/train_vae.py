@@ -29,6 +29,7 @@ from medaug.outputs import output_lock, writable_folder
 from medaug.speed import choose_threads
 from medaug.training.arguments import (HelpFormatter, add_config_flag, dataset_folder, epoch_steps, parse_with_config,
                                        positive_int, set_tf32, train_steps)
+from medaug.training.base_model import vae_downsampling
 from medaug.training.run_folder import first_process
 from medaug.training.checkpoint import (load_checkpoint, prune_checkpoints, resolve_checkpoint,
                                         save_checkpoint)
@@ -146,7 +147,7 @@ def train(args: argparse.Namespace) -> dict:
     # 1. Load the VAE and the data (checked before training).
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", use_safetensors=True)
     resolution = args.resolution or vae.config.sample_size
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = vae_downsampling(vae)
     if resolution % scale:
         raise ValueError(f"--resolution {resolution}: must be a multiple of {scale}, the VAE's downsampling")
     folder = DatasetFolder(args.train_data_dir)
