@@ -23,7 +23,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -42,22 +41,23 @@ def timed_generation(model_dir: Path, data: Path, output_dir: Path, images: int,
     """generate()'s summary, with each batch's finishing time so that the first batch can be told apart."""
     from medaug.generate import generate
 
-    marks: list[tuple[float, int]] = []
-    started = [0.0]
+    marks: list[tuple[float, int]] = []  # (time, images finished): the start, then one per batch
     summary = generate(model_dir, output_dir, from_masks=data, max_sources=images, batch_size=batch_size,
-                       compile_model=compile_model, on_start=lambda jobs: started.__setitem__(0, time.perf_counter()),
+                       compile_model=compile_model, on_start=lambda jobs: marks.append((time.perf_counter(), 0)),
                        progress=lambda count: marks.append((time.perf_counter(), count)))
-    first_seconds = marks[0][0] - started[0]
-    rest_images = sum(count for _, count in marks[1:])
-    steady = rest_images / (marks[-1][0] - marks[0][0]) if rest_images else None
+    first_seconds = marks[1][0] - marks[0][0]
+    rest_images = sum(count for _, count in marks[2:])
+    steady = rest_images / (marks[-1][0] - marks[1][0]) if rest_images else None
     return {"batch_size": summary["batch_size"], "batch_size_reason": summary["batch_size_reason"],
             "images": summary["written"], "seconds": summary["seconds"],
             "images_per_second": summary["images_per_second"], "first_batch_seconds": first_seconds,
-            "steady_images_per_second": steady, "precision": summary["precision"], "compiled": summary["compiled"]}
+            "steady_images_per_second": steady, "precision": summary["precision"], "compiled": summary["compiled"],
+            "torch_threads": summary["torch_threads"]}
 
 
-def batch_sweep(model_dir: Path, data: Path, work: Path, options) -> dict:
-    """Every batch size once per round, --repeats rounds (the order reversed every other round); medians."""
+def batch_sweep(model_dir: Path, data: Path, work: Path, options, summarise) -> dict:
+    """Every batch size once per round, --repeats rounds (the order reversed every other round); medians, by
+    generate_throughput.py's `summarise`."""
     arms = [*(str(batch) for batch in options.batch_sizes), "auto"]
     runs = {arm: [] for arm in arms}
     for repeat in range(options.repeats):
@@ -65,9 +65,7 @@ def batch_sweep(model_dir: Path, data: Path, work: Path, options) -> dict:
             batch = arm if arm == "auto" else int(arm)
             runs[arm].append(timed_generation(model_dir, data, work / f"batch-{arm}-{repeat}", options.images, batch))
             print(f"  round {repeat + 1}, batch {arm}: {runs[arm][-1]['images_per_second']:.2f} images/s", flush=True)
-    rows = {arm: {**arm_runs[0], "images_per_second": statistics.median(run["images_per_second"] for run in arm_runs),
-                  "images_per_second_runs": [run["images_per_second"] for run in arm_runs]}
-            for arm, arm_runs in runs.items()}
+    rows = {arm: {**arm_runs[0], **summarise(arm_runs)} for arm, arm_runs in runs.items()}
     baseline = rows[str(options.baseline_batch)]["images_per_second"]
     for row in rows.values():
         row["ratio_to_baseline_batch"] = row["images_per_second"] / baseline
@@ -120,7 +118,7 @@ def main(argv=None) -> dict:
         data = make_phantom_dataset(work / "data", num_images=max(8, options.images * 2), size=128, seed=0)
         _, lora, _ = throughput.make_models(work, options.preset, data)
         print(f"{options.preset} at {throughput.RESOLUTION[options.preset]} px, {options.images} images per arm:")
-        results["batch_sizes"] = batch_sweep(lora, data, work, options)
+        results["batch_sizes"] = batch_sweep(lora, data, work, options, throughput.summarise)
         if options.compile:
             results["compile"] = compile_comparison(lora, data, work, options)
     results["load_average_at_end"] = list(os.getloadavg())
