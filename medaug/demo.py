@@ -48,7 +48,7 @@ class DemoSettings:
     guidance_scale: float = 3.0
     encoder_steps: int = 60
     seg_resolution: int = 64
-    seg_epochs: int = 30
+    seg_steps: int = 150  # every arm, as in medaug bench and study
     seg_seeds: int = 3
     seed: int = 0
 
@@ -238,7 +238,7 @@ def stage_segmentation(demo: Demo) -> dict:
 
     settings = demo.settings
     summary = run_study("seg", demo.dataset, demo.path("segmentation"), synthetic_dirs=[demo.path("synthetic")],
-                        resolution=settings.seg_resolution, epochs=settings.seg_epochs, seeds=settings.seg_seeds,
+                        resolution=settings.seg_resolution, steps=settings.seg_steps, seeds=settings.seg_seeds,
                         synthetic_ratios=(1.0,), arms=("real", "real+synthetic"), gradcam_images=0)
     return {"groups": summary["groups"], "primary_metric": summary["primary_metric"], "notes": summary["notes"],
             "results": str(demo.path("segmentation") / "results.md")}

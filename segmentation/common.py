@@ -28,7 +28,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def cached_dataset(items: list[dict], resolution: int, channels: int, fit: str, with_masks: bool,
-                   augment: bool, seed: int) -> CacheDataset:
+                   augment: str, seed: int) -> CacheDataset:
     """Items read and made square once (MONAI caches up to the first random transform), augmented per epoch."""
     transform = build_transforms(resolution, channels, fit, with_masks, augment)
     transform.set_random_state(seed=seed)
@@ -43,8 +43,14 @@ def make_loader(dataset, batch_size: int, shuffle: bool, generator: torch.Genera
                       drop_last=drop_last)
 
 
+def endless(loader):
+    """Batches from `loader`, pass after pass (each pass reshuffled and re-augmented): training by steps."""
+    while True:
+        yield from loader
+
+
 def evaluation_batches(items: list[dict], resolution: int, channels: int, fit: str, with_masks: bool,
                        batch_size: int) -> list[dict]:
     """The whole split loaded once into batches, reused at every evaluation."""
-    dataset = cached_dataset(items, resolution, channels, fit, with_masks, augment=False, seed=0)
+    dataset = cached_dataset(items, resolution, channels, fit, with_masks, augment="none", seed=0)
     return list(make_loader(dataset, batch_size, shuffle=False))

@@ -29,7 +29,7 @@ PRIMARY_PAIRED = {"seg": "dice", "cls": "prob_true"}
 LABELS = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (px)", "dice_lesion": "Dice (lesion images)", "auc": "AUC",
           "accuracy": "Accuracy", "macro_f1": "Macro-F1", "prob_true": "p(true class)", "correct": "correct"}
 RUN_FIELDS = ("run_id", "arm", "real_fraction", "ratio", "seed", "n_train_real", "n_train_synthetic",
-              "best_epoch", "steps", "seconds", "metrics")
+              "steps", "seconds", "metrics")
 
 
 def write_report(output_dir: str | Path, settings: dict, data, results: list[dict], notes: list[str]) -> dict:
@@ -120,6 +120,18 @@ def _number(value) -> float:
     return math.nan if value is None else float(value)
 
 
+def settings_sentence(summary: dict) -> str:
+    """How the runs were trained, in one paragraph (results.md and report.html)."""
+    settings, images = summary["settings"], summary["images"]
+    tested = {"last": "the last weights are tested", "best_val": "the best of about 20 validations is tested"}[
+        settings["select"]] if summary["task"] == "seg" else "the weights with the lowest validation loss are tested"
+    return (f"Real data {settings['data']}: {images['train']} train, {images['val']} val, {images['test']} test "
+            f"images; {images['synthetic']} synthetic images from {len(settings['synthetic'])} folder(s). Network "
+            f"{settings['network']} at {settings['resolution']} px ({settings['fit']}), batch {settings['batch_size']}, "
+            f"learning rate {settings['learning_rate']:g}; every arm takes the same {settings['steps']} optimiser "
+            f"steps whatever its number of images, every arm has left-right flips, and {tested}.")
+
+
 def markdown_report(summary: dict) -> str:
     """A header saying how the numbers were made, then one table row per group."""
     settings, images, task = summary["settings"], summary["images"], summary["task"]
@@ -128,14 +140,9 @@ def markdown_report(summary: dict) -> str:
     lines = [
         f"# medaug bench {task}: results",
         "",
-        f"Real data `{settings['data']}`: {images['train']} train, {images['val']} val, {images['test']} test "
-        f"images; {images['synthetic']} synthetic images from {len(settings['synthetic'])} folder(s). "
-        f"Network `{settings['network']}` at {settings['resolution']} px ({settings['fit']}), {settings['epochs']} "
-        f"epochs, batch {settings['batch_size']}, learning rate {settings['learning_rate']:g}; the epoch with the "
-        "best validation score is tested.",
+        settings_sentence(summary),
         "",
         INTERVAL_TEXT + " " + paired_text(primary),
-        "Every arm trains for the same number of epochs, so arms with more images also take more optimiser steps.",
         "",
         "| " + " | ".join(table_header(summary)) + " |",
         "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in metrics) + " | ---: | ---: | --- |",
@@ -221,7 +228,8 @@ def plot_results(output_dir: Path, summary: dict) -> list[Path]:
 
 def _plot_panel(axis, groups: list[dict], fraction: float, metric: str) -> None:
     """Lines start at ratio 0 with their arm's synthetic-free counterpart (real, classical)."""
-    for base_arm, arm, style in (("real", "real+synthetic", "o-"), ("classical", "classical+synthetic", "s--")):
+    for base_arm, arm, style in (("real", "real+synthetic", "o-"),
+                                 ("real+classical", "real+classical+synthetic", "s--")):
         points = [g for g in groups if g["real_fraction"] == fraction and g["arm"] in (base_arm, arm)]
         points = sorted(points, key=lambda g: g["ratio"])
         if not points:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medaug.segmentation.report import INTERVAL_TEXT, PRIMARY_PAIRED, paired_text, table_header, table_rows
+from medaug.segmentation.report import (INTERVAL_TEXT, PRIMARY_PAIRED, paired_text, settings_sentence, table_header,
+                                        table_rows)
 
 THUMBNAIL = 128
 GRADCAM_SHOWN = 4
@@ -84,14 +85,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _settings_text(summary: dict) -> str:
-    settings, images = summary["settings"], summary["images"]
-    return (f"Real data {settings['data']}: {images['train']} train, {images['val']} val, {images['test']} test "
-            f"images; {images['synthetic']} synthetic images from {len(settings['synthetic'])} folder(s). Network "
-            f"{settings['network']} at {settings['resolution']} px ({settings['fit']}), {settings['epochs']} epochs, "
-            f"batch {settings['batch_size']}; the epoch with the best validation score is tested.")
-
-
 def pictures(output_dir: Path, summary: dict, data) -> str:
     """Segmentation: each group's predictions on the same test images; classification: Grad-CAM maps."""
     groups = summary["groups"]
@@ -113,7 +106,7 @@ def render_html(output_dir: Path, summary: dict, data) -> str:
     notes = "".join(f"<li>{html.escape(note)}</li>" for note in summary["notes"])
     body = [
         f"<h1>medaug bench {html.escape(summary['task'])}: results</h1>",
-        f"<p>{html.escape(_settings_text(summary))}</p>",
+        f"<p>{html.escape(settings_sentence(summary))}</p>",
         f"<p class='note'>{html.escape(INTERVAL_TEXT)} {html.escape(paired_text(PRIMARY_PAIRED[summary['task']]))}"
         "</p>",
         _table(table_header(summary), table_rows(summary)),

@@ -150,17 +150,33 @@ def per_image(run: dict, metric: str) -> dict[str, float] | None:
             for name, value, kept in zip(scores["file_name"], scores[source], keep) if kept}
 
 
+def replicate(run: dict) -> tuple[int, int]:
+    """What pairs two runs: the subset draw (0 where a study has one) and the seed."""
+    return run.get("draw", 0), run["seed"]
+
+
 def score_tables(metric: str, *groups: list[dict]) -> list:
-    """For each group of runs, its (seeds, images) per-image table over the seeds and images all groups share,
-    rows in seed order, so tables of two arms pair by seed and image; one score per seed where a run has no
-    per-image scores of `metric`."""
-    seeds = sorted(set.intersection(*[{run["seed"] for run in group} for group in groups]))
-    chosen = [{run["seed"]: run for run in group} for group in groups]
-    images = [per_image(chosen_runs[s], metric) for chosen_runs in chosen for s in seeds]
-    if not seeds or any(table is None for table in images):
-        return [[_run_metric(runs[s], metric) for s in seeds] for runs in chosen]
+    """For each group of runs, its (replicates, images) per-image table over the replicates (subset draw and seed)
+    and images all groups share, rows in replicate order, so tables of two arms pair by draw, seed and image; one
+    score per replicate where a run has no per-image scores of `metric`."""
+    keys = sorted(set.intersection(*[{replicate(run) for run in group} for group in groups]))
+    chosen = [{replicate(run): run for run in group} for group in groups]
+    images = [per_image(chosen_runs[k], metric) for chosen_runs in chosen for k in keys]
+    if not keys or any(table is None for table in images):
+        return [[_run_metric(runs[k], metric) for k in keys] for runs in chosen]
     names = sorted(set.intersection(*[set(table) for table in images]))
-    return [[[per_image(runs[s], metric)[n] for n in names] for s in seeds] for runs in chosen]
+    return [[[per_image(runs[k], metric)[n] for n in names] for k in keys] for runs in chosen]
+
+
+def resolvable_difference(interval: dict, confidence: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true difference this design would call (at `confidence`, with `power`), from the spread of the
+    observed paired differences: the bootstrap interval's standard error times (z_confidence + z_power)."""
+    low, high = interval.get("ci_low", math.nan), interval.get("ci_high", math.nan)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return math.nan
+    z_confidence = stats.norm.ppf(0.5 + confidence / 2)
+    standard_error = (high - low) / (2 * z_confidence)
+    return float(standard_error * (z_confidence + stats.norm.ppf(power)))
 
 
 def _run_metric(run: dict, metric: str) -> float:

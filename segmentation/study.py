@@ -1,17 +1,15 @@
 """A study: arms × real fractions × synthetic ratios × seeds, each run trained once and saved, then a report.
 
-Arms:
-- `real`: the real training split (or a stratified fraction of it), no augmentation: the baseline.
-- `real+synthetic`: that plus `ratio` × as many synthetic images.
-- `synthetic`: synthetic images only (all of them), tested on real images.
-- `classical`: the real images with classical augmentation (CLAHE, blur, flips, rotation, erasing, chessboard).
-- `classical+synthetic`: both.
+The arms are those of `medaug.segmentation.arms` (real, real+classical, real+synthetic, real+classical+synthetic,
+synthetic_pretrain, synthetic), and every run of every arm takes the same number of optimiser steps (`steps`), so
+arms differ in their data and augmentation, never in their updates. The +synthetic arms add `ratio` × as many
+synthetic images as real ones.
 
 Runs with the same seed share their real subset, and synthetic samples are nested (the images at ratio 0.5
 are among those at ratio 1), so differences between arms come from the arm and not from the draw. Every run
 writes `runs/<run_id>/result.json` when it finishes (atomically), and a study started again on the same
 output folder skips those runs: an interrupted study resumes, and a study given more seeds, ratios or arms
-only trains what is new. Settings that change what a run means (data, network, epochs...) must match.
+only trains what is new. Settings that change what a run means (data, network, steps...) must match.
 """
 
 from __future__ import annotations
@@ -25,20 +23,21 @@ import numpy as np
 
 from medaug.data import FIT_MODES
 from medaug.files import write_json_atomic
+from medaug.segmentation.arms import ARMS, SYNTHETIC_ARMS, arm_spec
 from medaug.segmentation.inputs import StudyData, StudyError, load_study_data
 from medaug.segmentation.networks import DEFAULT_NETWORK, check_resolution, network_spec
 from medaug.speed import choose_threads
 
-ARMS = ("real", "real+synthetic", "synthetic", "classical", "classical+synthetic")
-RATIO_ARMS = ("real+synthetic", "classical+synthetic")
-SYNTHETIC_ARMS = ("real+synthetic", "synthetic", "classical+synthetic")
+RATIO_ARMS = tuple(arm for arm in SYNTHETIC_ARMS if ARMS[arm].real)
+CLASSIFICATION_ARMS = tuple(arm for arm, spec in ARMS.items() if not spec.pretrain)
 DEFAULT_LEARNING_RATE = {"seg": 1e-3, "cls": 3e-4}
 STUDY_FILE = "study.json"
 OVERLAY_IMAGES = 4  # test images each segmentation run's predictions are saved for, for the report
 OVERLAY_FILE = "overlay_predictions.npz"
 # Settings that change what a finished run means; a resumed study must keep them.
-FIXED_SETTINGS = ("task", "data", "synthetic", "images", "network", "resolution", "channels", "fit", "epochs",
-                  "batch_size", "learning_rate", "label_column")
+FIXED_SETTINGS = ("task", "data", "synthetic", "images", "network", "resolution", "channels", "fit", "steps",
+                  "batch_size", "learning_rate", "schedule", "select", "label_column")
+DEFAULT_STEPS = 1500
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,9 @@ class Run:
 
 
 def default_arms(with_synthetic: bool) -> list[str]:
-    return list(ARMS) if with_synthetic else ["real", "classical"]
+    if not with_synthetic:
+        return ["real", "real+classical"]
+    return ["real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic"]
 
 
 def plan_runs(arms: Sequence[str], real_fractions: Sequence[float], ratios: Sequence[float], seeds: int) -> list[Run]:
@@ -73,11 +74,12 @@ def plan_runs(arms: Sequence[str], real_fractions: Sequence[float], ratios: Sequ
 
 
 def check_plan(task: str, arms: Sequence[str], real_fractions: Sequence[float], ratios: Sequence[float],
-               seeds: int, epochs: int, with_synthetic: bool) -> None:
+               seeds: int, steps: int, with_synthetic: bool) -> None:
     """Refuse a plan that cannot run, naming the flag."""
-    unknown = [arm for arm in arms if arm not in ARMS]
+    known = ARMS if task == "seg" else CLASSIFICATION_ARMS
+    unknown = [arm for arm in arms if arm not in known]
     if unknown or not arms:
-        raise StudyError(f"--arms: unknown or no arm(s) {unknown}; expected some of {', '.join(ARMS)}")
+        raise StudyError(f"--arms: unknown or no {task} arm(s) {unknown}; expected some of {', '.join(known)}")
     needing = [arm for arm in arms if arm in SYNTHETIC_ARMS]
     if needing and not with_synthetic:
         raise StudyError(f"--arms: {', '.join(needing)} need synthetic images; pass --synthetic SYN_DIR")
@@ -87,8 +89,8 @@ def check_plan(task: str, arms: Sequence[str], real_fractions: Sequence[float], 
         raise StudyError(f"--synthetic_ratios: each must be above 0, got {list(ratios)}")
     if seeds < 1:
         raise StudyError(f"--seeds: at least 1, got {seeds}")
-    if epochs < 1:
-        raise StudyError(f"--epochs: at least 1, got {epochs}")
+    if steps < 1:
+        raise StudyError(f"--steps: at least 1, got {steps}")
     if task not in DEFAULT_NETWORK:
         raise StudyError(f"task must be one of {', '.join(DEFAULT_NETWORK)}, got '{task}'")
 
@@ -117,7 +119,7 @@ def synthetic_sample(items: list[dict], count: int, seed: int) -> list[dict]:
 
 def training_items(data: StudyData, run: Run) -> tuple[list[dict], list[dict]]:
     """(real, synthetic) training items of one run."""
-    if run.arm == "synthetic":
+    if not arm_spec(run.arm).real:
         return [], list(data.synthetic)
     real = real_subset(data.train, run.real_fraction, run.seed)
     if run.arm not in RATIO_ARMS:
@@ -133,10 +135,12 @@ def run_study(
     network: str | None = None,
     resolution: int = 128,
     channels: int = 1,
-    fit: str = "pad",
-    epochs: int = 30,
+    fit: str = "stretch",
+    steps: int = DEFAULT_STEPS,
     batch_size: int = 16,
     learning_rate: float | None = None,
+    schedule: str = "constant",
+    select: str = "last",
     seeds: int = 3,
     synthetic_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     real_fractions: Sequence[float] = (1.0,),
@@ -155,8 +159,8 @@ def run_study(
 
     network = network or DEFAULT_NETWORK.get(task, "")
     arms = list(arms) if arms else default_arms(bool(synthetic_dirs))
-    check_plan(task, arms, real_fractions, synthetic_ratios, seeds, epochs, bool(synthetic_dirs))
-    _check_settings(task, network, resolution, channels, fit, batch_size)
+    check_plan(task, arms, real_fractions, synthetic_ratios, seeds, steps, bool(synthetic_dirs))
+    _check_settings(task, network, resolution, channels, fit, batch_size, schedule, select)
     try:
         torch_device = resolve_device(device)
     except ValueError as error:
@@ -170,8 +174,9 @@ def run_study(
     settings = {
         "task": task, "data": str(Path(real_dir).resolve()),
         "synthetic": [str(Path(d).resolve()) for d in synthetic_dirs], "network": network,
-        "resolution": resolution, "channels": channels, "fit": fit, "epochs": epochs, "batch_size": batch_size,
-        "learning_rate": learning_rate or DEFAULT_LEARNING_RATE[task], "label_column": label_column,
+        "resolution": resolution, "channels": channels, "fit": fit, "steps": steps, "batch_size": batch_size,
+        "learning_rate": learning_rate or DEFAULT_LEARNING_RATE[task], "schedule": schedule, "select": select,
+        "label_column": label_column,
         # a folder that gained or lost images since its runs finished would make them incomparable
         "images": {"train": len(data.train), "val": len(data.val), "test": len(data.test),
                    "synthetic": len(data.synthetic)},
@@ -185,7 +190,7 @@ def run_study(
         result = load_run_result(output_dir, run)
         if result is None:
             result = _train_run(data, run, settings, output_dir, torch_device, gradcam_images,
-                                _epoch_reporter(on_progress, number, len(runs), run, epochs))
+                                _step_reporter(on_progress, number, len(runs), run, steps))
         else:
             result["resumed"] = True
         if result["n_train_synthetic"] < result["n_train_synthetic_requested"]:
@@ -197,12 +202,19 @@ def run_study(
     return write_report(output_dir, settings, data, results, notes)
 
 
-def _check_settings(task: str, network: str, resolution: int, channels: int, fit: str, batch_size: int) -> None:
+def _check_settings(task: str, network: str, resolution: int, channels: int, fit: str, batch_size: int,
+                    schedule: str, select: str) -> None:
+    from medaug.segmentation.train_seg import SCHEDULES, SELECTIONS
+
     try:
         network_spec(task, network)
         check_resolution(task, network, resolution)
     except ValueError as error:
         raise StudyError(str(error)) from error
+    if schedule not in SCHEDULES:
+        raise StudyError(f"--schedule: one of {', '.join(SCHEDULES)}, got '{schedule}'")
+    if select not in SELECTIONS:
+        raise StudyError(f"--select: one of {', '.join(SELECTIONS)}, got '{select}'")
     if channels not in (1, 3):
         raise StudyError(f"--channels: 1 or 3, got {channels}")
     if fit not in FIT_MODES:
@@ -276,44 +288,55 @@ def save_overlay_predictions(model, items: list[dict], path: Path, resolution: i
     np.savez_compressed(path, masks=masks, file_names=np.array([item["file_name"] for item in items], dtype=str))
 
 
+def recipe_from_settings(settings: dict):
+    """The segmentation recipe every arm of this study trains with."""
+    from medaug.segmentation.train_seg import SegRecipe
+
+    return SegRecipe(**{key: settings[key] for key in ("steps", "resolution", "network", "channels", "fit",
+                                                        "batch_size", "learning_rate", "schedule", "select")})
+
+
 def _train_run(data: StudyData, run: Run, settings: dict, output_dir: Path, device, gradcam_images: int,
-               on_epoch) -> dict:
+               on_step) -> dict:
     import torch
 
+    from medaug.segmentation.arms import train_seg_arm
     from medaug.segmentation.train_cls import train_classification
-    from medaug.segmentation.train_seg import train_segmentation
 
     real, synthetic = training_items(data, run)
-    common = dict(
-        train_items=real + synthetic, val_items=data.val, test_items=data.test, network=settings["network"],
-        resolution=settings["resolution"], channels=settings["channels"], fit=settings["fit"],
-        epochs=settings["epochs"], batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
-        seed=run.seed, augment=run.arm.startswith("classical"), device=device, on_epoch=on_epoch,
-    )
     run_dir = output_dir / "runs" / run.run_id
     if settings["task"] == "seg":
+        recipe = recipe_from_settings(settings)
+
         def save_predictions(model) -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_overlay_predictions(model, overlay_items(data.test), run_dir / OVERLAY_FILE, common["resolution"],
-                                     common["channels"], common["fit"], torch.device(common["device"]))
+            save_overlay_predictions(model, overlay_items(data.test), run_dir / OVERLAY_FILE, recipe.resolution,
+                                     recipe.channels, recipe.fit, torch.device(device))
 
-        outcome = train_segmentation(**common, on_model=save_predictions)
+        outcome = train_seg_arm(run.arm, real, synthetic, data.val, data.test, recipe, run.seed, device, on_step,
+                                save_predictions)
     else:
-        outcome = train_classification(classes=data.classes, gradcam_dir=run_dir / "gradcam",
-                                       gradcam_images=gradcam_images, **common)
-    requested = len(data.synthetic) if run.arm == "synthetic" else round(run.ratio * len(real))
+        outcome = train_classification(
+            real + synthetic, data.val, data.test, data.classes, network=settings["network"],
+            resolution=settings["resolution"], channels=settings["channels"], fit=settings["fit"],
+            steps=settings["steps"], batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
+            seed=run.seed, augment=arm_spec(run.arm).augment, device=device, gradcam_dir=run_dir / "gradcam",
+            gradcam_images=gradcam_images, on_step=on_step)
+    requested = len(data.synthetic) if not arm_spec(run.arm).real else round(run.ratio * len(real))
     result = {"run_id": run.run_id, **asdict(run), "n_train_real": len(real), "n_train_synthetic": len(synthetic),
               "n_train_synthetic_requested": requested, **outcome}
     write_json_atomic(run_dir / "result.json", result)
     return result
 
 
-def _epoch_reporter(on_progress, number: int, total: int, run: Run, epochs: int):
+def _step_reporter(on_progress, number: int, total: int, run: Run, steps: int):
     if on_progress is None:
         return None
 
-    def report(epoch: int, loss: float) -> None:
-        description = f"run {number + 1}/{total} {run.run_id} epoch {epoch}/{epochs} loss {loss:.3f}"
-        on_progress(number + epoch / epochs, total, description)
+    def report(step: int, loss: float) -> None:
+        if step % 10 and step != steps:
+            return
+        description = f"run {number + 1}/{total} {run.run_id} step {step}/{steps} loss {loss:.3f}"
+        on_progress(number + step / steps, total, description)
 
     return report

@@ -1,7 +1,8 @@
 """Train one classifier and score it on the real test split; save MONAI Grad-CAM maps for a few test images.
 
-Cross-entropy, Adam with a cosine schedule; the epoch with the lowest validation loss is kept (the last
-epoch where there is no val split). Scores: macro one-vs-rest AUC, accuracy and macro-F1 over the test
+Cross-entropy, Adam with a cosine schedule over a fixed number of optimiser steps (as every segmentation arm:
+`medaug.segmentation.train_seg`); of about 20 validations, the weights with the lowest validation loss are kept
+(the last where there is no val split). Scores: macro one-vs-rest AUC, accuracy and macro-F1 over the test
 split, and per test image the probability given to its true class (what the paired test compares).
 """
 
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from medaug.segmentation.common import cached_dataset, evaluation_batches, make_loader, seed_everything
+from medaug.segmentation.common import (cached_dataset, endless, evaluation_batches, make_loader,
+                                       seed_everything)
 from medaug.segmentation.metrics import classification_scores
 from medaug.segmentation.networks import build_network, check_resolution, network_spec
 
@@ -31,16 +33,17 @@ def train_classification(
     network: str = "densenet121",
     resolution: int = 128,
     channels: int = 1,
-    fit: str = "pad",
-    epochs: int = 30,
+    fit: str = "stretch",
+    steps: int = 1500,
     batch_size: int = 16,
     learning_rate: float = 1e-4,
     seed: int = 0,
-    augment: bool = False,
+    augment: str = "light",
     device: torch.device | str = "cpu",
     gradcam_dir: str | Path | None = None,
     gradcam_images: int = 4,
-    on_epoch: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    validations: int = 20,
 ) -> dict:
     """Train on `train_items` (whose `label` indexes `classes`) and return test scores and history."""
     if not train_items or not test_items:
@@ -50,26 +53,33 @@ def train_classification(
     generator = seed_everything(seed)
     device = torch.device(device)
     train_set = cached_dataset(train_items, resolution, channels, fit, False, augment, seed)
-    loader = make_loader(train_set, batch_size, shuffle=True, generator=generator)
+    batches = endless(make_loader(train_set, batch_size, shuffle=True, generator=generator))
     val_batches = evaluation_batches(val_items, resolution, channels, fit, False, batch_size) if val_items else []
     model = build_network("cls", network, channels, len(classes)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     loss_function = nn.CrossEntropyLoss()
-    history = {"train_loss": [], "val_loss": []}
-    best_state, best_epoch, best_loss = None, epochs, math.inf
-    for epoch in range(1, epochs + 1):
-        loss = _train_epoch(model, loader, optimizer, loss_function, device)
+    every = max(1, math.ceil(steps / max(1, validations)))
+    history = {"val_steps": [], "train_loss": [], "val_loss": []}
+    best_state, best_step, best_loss, losses = None, steps, math.inf, []
+    model.train()
+    for step in range(1, steps + 1):
+        losses.append(_train_step(model, next(batches), optimizer, loss_function, device))
         schedule.step()
-        history["train_loss"].append(loss)
+        if on_step is not None:
+            on_step(step, losses[-1])
+        if step % every and step != steps:
+            continue
+        history["train_loss"].append(sum(losses) / len(losses))
+        losses = []
         if val_batches:
             probabilities, labels, _ = predict(model, val_batches, device)
+            model.train()
             val_loss = float(nn.functional.nll_loss(torch.log(probabilities.clamp_min(1e-8)), labels))
+            history["val_steps"].append(step)
             history["val_loss"].append(val_loss)
             if val_loss < best_loss:
-                best_state, best_epoch, best_loss = copy.deepcopy(model.state_dict()), epoch, val_loss
-        if on_epoch is not None:
-            on_epoch(epoch, loss)
+                best_state, best_step, best_loss = copy.deepcopy(model.state_dict()), step, val_loss
     if best_state is not None:
         model.load_state_dict(best_state)
     test_batches = evaluation_batches(test_items, resolution, channels, fit, False, batch_size)
@@ -79,26 +89,21 @@ def train_classification(
     return {
         "per_image": per_image_scores(probabilities, labels, names),
         "metrics": classification_scores(probabilities, labels),
-        "best_epoch": best_epoch,
+        "best_step": best_step,
         "best_val_loss": best_loss if val_batches else math.nan,
-        "steps": epochs * len(loader),
+        "steps": steps,
         "seconds": time.perf_counter() - started,
         **history,
     }
 
 
-def _train_epoch(model, loader, optimizer, loss_function, device) -> float:
-    model.train()
-    total, count = 0.0, 0
-    for batch in loader:
-        images, labels = batch["image"].to(device), batch["label"].long().to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_function(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * images.shape[0]
-        count += images.shape[0]
-    return total / max(1, count)
+def _train_step(model, batch: dict, optimizer, loss_function, device) -> float:
+    images, labels = batch["image"].to(device), batch["label"].long().to(device)
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_function(model(images), labels)
+    loss.backward()
+    optimizer.step()
+    return float(loss.item())
 
 
 @torch.no_grad()

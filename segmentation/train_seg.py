@@ -1,8 +1,11 @@
-"""Train one segmentation network and score it on the real test split, image by image.
+"""Train one segmentation network for a fixed number of optimiser steps and score it on the real test split.
 
-Two output channels (background, lesion) with softmax and MONAI's `DiceCELoss`; Adam with a cosine
-schedule; the epoch with the best validation Dice is kept (the last epoch where there is no val split);
-that model is scored with Dice, IoU and HD95 per test image (`medaug.segmentation.metrics`).
+Every comparison medaug makes (`bench`, the demo, `study`) trains its arms through `fit_segmenter` with one
+`SegRecipe`, so arms differ only in their data and augmentation, never in their updates. The defaults are the
+recipe measured best on BUSI (`benchmarks/seg_yardstick.py`, RESULTS.md "A yardstick worth beating"): images
+stretched to the square, left-right flips in every arm, MONAI's `DiceCELoss` on two softmax channels, constant
+Adam, and the last weights kept. The validation split is scored along the way to draw the learning curve and to say
+where it plateaued; with `select="best_val"` the best validation weights are tested instead.
 """
 
 from __future__ import annotations
@@ -11,126 +14,149 @@ import copy
 import math
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import torch
 from monai.losses import DiceCELoss
 
-from medaug.segmentation.common import cached_dataset, evaluation_batches, make_loader, seed_everything
+from medaug.segmentation.common import (cached_dataset, endless, evaluation_batches, make_loader,
+                                       seed_everything)
 from medaug.segmentation.metrics import nanmean, segmentation_scores
 from medaug.segmentation.networks import build_network, check_resolution
 
+SCHEDULES = ("constant", "cosine")
+SELECTIONS = ("last", "best_val")
+PLATEAU_TOLERANCE = 0.01  # validation Dice within this of the run's best counts as the plateau
 
-def train_segmentation(
-    train_items: list[dict],
-    val_items: list[dict],
-    test_items: list[dict],
-    network: str = "unet",
-    resolution: int = 128,
-    channels: int = 1,
-    fit: str = "pad",
-    epochs: int = 30,
-    batch_size: int = 16,
-    learning_rate: float = 1e-3,
-    seed: int = 0,
-    augment: bool = False,
-    device: torch.device | str = "cpu",
-    on_epoch: Callable[[int, float], None] | None = None,
-    on_model: Callable[[torch.nn.Module], None] | None = None,
-) -> dict:
+
+@dataclass(frozen=True)
+class SegRecipe:
+    """How every arm of one comparison trains; only the data and the augmentation policy differ between arms."""
+
+    steps: int = 1500
+    resolution: int = 128
+    network: str = "unet"
+    channels: int = 1
+    fit: str = "stretch"
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    schedule: str = "constant"
+    select: str = "last"
+    validations: int = 20
+
+    def check(self) -> None:
+        """Refuse a recipe that cannot train, naming the flag."""
+        from medaug.data import FIT_MODES
+
+        check_resolution("seg", self.network, self.resolution)
+        problems = {"--seg_steps": self.steps < 1, "--batch_size": self.batch_size < 1,
+                    "--learning_rate": not self.learning_rate > 0, "--fit": self.fit not in FIT_MODES,
+                    "--schedule": self.schedule not in SCHEDULES, "--select": self.select not in SELECTIONS,
+                    "--channels": self.channels not in (1, 3)}
+        for flag, bad in problems.items():
+            if bad:
+                raise ValueError(f"{flag}: cannot train with {asdict(self)}")
+
+    def settings(self) -> dict:
+        return asdict(self)
+
+
+def train_segmentation(train_items: list[dict], val_items: list[dict], test_items: list[dict], recipe: SegRecipe,
+                       seed: int = 0, augment: str = "light", device: torch.device | str = "cpu",
+                       on_step: Callable[[int, float], None] | None = None,
+                       on_model: Callable[[torch.nn.Module], None] | None = None,
+                       initial_state: dict | None = None) -> dict:
     """Train on `train_items` and return per-image test scores, their means and the training history;
-    `on_model(model)` sees the trained model before it is dropped (the study saves predictions to show)."""
+    `on_model(model)` sees the trained model before it is dropped (the studies save predictions to show)."""
     if not test_items:
         raise ValueError("train_segmentation needs training and test items")
     started = time.perf_counter()
-    model, fitted = fit_segmenter(train_items, val_items, network, resolution, channels, fit, epochs, batch_size,
-                                  learning_rate, seed, augment, device, on_epoch)
+    model, history = fit_segmenter(train_items, val_items, recipe, seed, augment, device, on_step,
+                                   initial_state=initial_state)
     if on_model is not None:
         on_model(model)
-    test_batches = evaluation_batches(test_items, resolution, channels, fit, True, batch_size)
-    per_image = predict_and_score(model, test_batches, torch.device(device))
-    return {"per_image": per_image, "metrics": summarise_segmentation(per_image), **fitted,
-            "seconds": time.perf_counter() - started}
+    per_image = score_segmenter(model, test_items, recipe, device)
+    return {"per_image": per_image, "metrics": summarise_segmentation(per_image), "history": history,
+            "steps": history["steps"], "seconds": time.perf_counter() - started}
 
 
-def fit_segmenter(
-    train_items: list[dict],
-    val_items: list[dict],
-    network: str = "unet",
-    resolution: int = 128,
-    channels: int = 1,
-    fit: str = "pad",
-    epochs: int = 30,
-    batch_size: int = 16,
-    learning_rate: float = 1e-3,
-    seed: int = 0,
-    augment: bool = False,
-    device: torch.device | str = "cpu",
-    on_epoch: Callable[[int, float], None] | None = None,
-    max_steps: int | None = None,
-    initial_state: dict | None = None,
-    validations: int = 20,
-) -> tuple[torch.nn.Module, dict]:
-    """The trained network (weights of the epoch with the best validation Dice, or the last without a val split)
-    and {best_epoch, best_val_dice, steps, train_loss, val_dice}.
-
-    With `max_steps`, training stops after exactly that many optimiser steps whatever the data's size (so arms with
-    more images get fewer epochs, not more updates), and validation runs about `validations` times, not every
-    epoch. `initial_state` starts from given weights (fine-tuning after pre-training)."""
+def fit_segmenter(train_items: list[dict], val_items: list[dict], recipe: SegRecipe, seed: int = 0,
+                  augment: str = "light", device: torch.device | str = "cpu",
+                  on_step: Callable[[int, float], None] | None = None, steps: int | None = None,
+                  initial_state: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """The network after exactly `steps` (default `recipe.steps`) optimiser steps, whatever the data's size (arms
+    with more images get fewer passes, not more updates), and its history: {steps, val_steps, val_dice, train_loss
+    (the mean over each validation interval), best_step, best_val_dice, plateau_step, selected_step}.
+    `initial_state` starts from given weights (fine-tuning after pre-training)."""
     if not train_items:
-        raise ValueError("train_segmentation needs training and test items")
-    check_resolution("seg", network, resolution)
-    generator = seed_everything(seed)
+        raise ValueError("fit_segmenter needs training items")
+    recipe.check()
+    steps = recipe.steps if steps is None else steps
     device = torch.device(device)
-    train_set = cached_dataset(train_items, resolution, channels, fit, True, augment, seed)
-    loader = make_loader(train_set, batch_size, shuffle=True, generator=generator)
-    if max_steps is not None:
-        epochs = math.ceil(max_steps / len(loader))
-    validate_every = max(1, math.ceil(epochs / validations)) if max_steps is not None else 1
-    val_batches = evaluation_batches(val_items, resolution, channels, fit, True, batch_size) if val_items else []
-    model = build_network("seg", network, channels, 2).to(device)
+    generator = seed_everything(seed)
+    train_set = cached_dataset(train_items, recipe.resolution, recipe.channels, recipe.fit, True, augment, seed)
+    batches = endless(make_loader(train_set, recipe.batch_size, shuffle=True, generator=generator))
+    val_batches = (evaluation_batches(val_items, recipe.resolution, recipe.channels, recipe.fit, True,
+                                      recipe.batch_size) if val_items else [])
+    model = build_network("seg", recipe.network, recipe.channels, 2).to(device)
     if initial_state is not None:
         model.load_state_dict(initial_state)
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+                if recipe.schedule == "cosine" else None)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
-    history = {"train_loss": [], "val_dice": [], "val_epochs": []}
-    best_state, best_epoch, best_dice, steps = None, epochs, -math.inf, 0
-    for epoch in range(1, epochs + 1):
-        limit = None if max_steps is None else max_steps - steps
-        loss, taken = _train_epoch(model, loader, optimizer, loss_function, device, limit)
-        steps += taken
-        schedule.step()
-        history["train_loss"].append(loss)
-        if val_batches and (epoch % validate_every == 0 or epoch == epochs):
+    every = max(1, math.ceil(steps / max(1, recipe.validations)))
+    history = {"steps": steps, "val_steps": [], "val_dice": [], "train_loss": []}
+    best_state, best_step, best_dice, losses = None, steps, -math.inf, []
+    model.train()
+    for step in range(1, steps + 1):
+        losses.append(_train_step(model, next(batches), optimizer, loss_function, device))
+        if schedule is not None:
+            schedule.step()
+        if on_step is not None:
+            on_step(step, losses[-1])
+        if step % every and step != steps:
+            continue
+        history["train_loss"].append(sum(losses) / len(losses))
+        losses = []
+        if val_batches:
             dice = nanmean(predict_and_score(model, val_batches, device)["dice"])
+            model.train()
+            history["val_steps"].append(step)
             history["val_dice"].append(dice)
-            history["val_epochs"].append(epoch)
+            if dice > best_dice and recipe.select == "best_val":
+                best_state = copy.deepcopy(model.state_dict())
             if dice > best_dice:
-                best_state, best_epoch, best_dice = copy.deepcopy(model.state_dict()), epoch, dice
-        if on_epoch is not None:
-            on_epoch(epoch, loss)
+                best_step, best_dice = step, dice
     if best_state is not None:
         model.load_state_dict(best_state)
-    return model, {"best_epoch": best_epoch, "best_val_dice": best_dice if val_batches else math.nan,
-                   "steps": steps, "epochs": epochs, **history}
+    history.update(best_step=best_step, best_val_dice=best_dice if val_batches else math.nan,
+                   plateau_step=plateau_step(history["val_steps"], history["val_dice"]),
+                   selected_step=best_step if best_state is not None else steps)
+    return model.eval(), history
 
 
-def _train_epoch(model, loader, optimizer, loss_function, device, limit: int | None = None) -> tuple[float, int]:
-    """Mean training loss of one pass over `loader` (stopped after `limit` batches) and the batches taken."""
-    model.train()
-    total, count, taken = 0.0, 0, 0
-    for batch in loader:
-        if limit is not None and taken >= limit:
-            break
-        taken += 1
-        images, masks = batch["image"].to(device), batch["mask"].to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_function(model(images), masks)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * images.shape[0]
-        count += images.shape[0]
-    return total / max(1, count), taken
+def plateau_step(val_steps: list[int], val_dice: list[float], tolerance: float = PLATEAU_TOLERANCE) -> int | None:
+    """The first validation step whose Dice is within `tolerance` of the best: where the learning curve levelled."""
+    if not val_dice:
+        return None
+    best = max(val_dice)
+    return next(step for step, dice in zip(val_steps, val_dice) if dice >= best - tolerance)
+
+
+def _train_step(model, batch: dict, optimizer, loss_function, device) -> float:
+    images, masks = batch["image"].to(device), batch["mask"].to(device)
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_function(model(images), masks)
+    loss.backward()
+    optimizer.step()
+    return float(loss.item())
+
+
+def score_segmenter(model, items: list[dict], recipe: SegRecipe, device) -> dict[str, list]:
+    """Per-image test scores of `model` on `items`, read and squared as the recipe trains."""
+    batches = evaluation_batches(items, recipe.resolution, recipe.channels, recipe.fit, True, recipe.batch_size)
+    return predict_and_score(model, batches, torch.device(device))
 
 
 @torch.no_grad()

@@ -256,11 +256,24 @@ def classical_augmentation(resolution: int, with_masks: bool) -> list:
     ]
 
 
-def build_transforms(resolution: int, channels: int, fit: str, with_masks: bool, augment: bool) -> Compose:
-    """Load + fit, then (when `augment`) the classical augmentation, then tensors."""
+def light_augmentation(with_masks: bool) -> list:
+    """Left-right flips of image and mask together: what any practitioner's baseline has."""
+    return [RandFlipd(("image", "mask") if with_masks else ("image",), spatial_axis=1, prob=0.5)]
+
+
+AUGMENTATIONS = ("none", "light", "classical")
+
+
+def build_transforms(resolution: int, channels: int, fit: str, with_masks: bool, augment: str) -> Compose:
+    """Load + fit, then the augmentation policy (`none`, `light` flips, or the `classical` policy, which
+    includes the flips), then tensors."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augmentation: one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     keys = ("image", "mask") if with_masks else ("image",)
     steps = load_transforms(resolution, channels, fit, with_masks)
-    if augment:
+    if augment == "light":
+        steps += light_augmentation(with_masks)
+    elif augment == "classical":
         steps += classical_augmentation(resolution, with_masks)
     steps.append(EnsureTyped(keys, track_meta=False))
     return Compose(steps)

@@ -47,9 +47,9 @@ def invoke(*args):
 
 
 def test_plan_covers_every_arm_ratio_fraction_and_seed():
-    runs = plan_runs(["real", "real+synthetic", "synthetic", "classical"], [0.25, 1.0], [0.5, 2.0], seeds=2)
+    runs = plan_runs(["real", "real+synthetic", "synthetic", "real+classical"], [0.25, 1.0], [0.5, 2.0], seeds=2)
     assert len(runs) == 2 * (1 + 2 * (1 + 2 + 1))
-    assert runs[0] == Run("synthetic", 0.0, 0.0, 0) and runs[-1] == Run("classical", 1.0, 0.0, 1)
+    assert runs[0] == Run("synthetic", 0.0, 0.0, 0) and runs[-1] == Run("real+classical", 1.0, 0.0, 1)
     assert len({run.run_id for run in runs}) == len(runs)
 
 
@@ -67,7 +67,7 @@ def test_a_tiny_study_writes_every_output_then_resumes_only_unfinished_runs(phan
     output = tmp_path / "study"
     events: list[str] = []
     settings = dict(synthetic_dirs=[synthetic_dir], arms=["real", "real+synthetic"], synthetic_ratios=[0.5],
-                    seeds=1, epochs=2, resolution=32, batch_size=4, device="cpu",
+                    seeds=1, steps=6, resolution=32, batch_size=4, device="cpu",
                     on_progress=lambda done, total, text: events.append(text))
     summary = run_study("seg", phantom_dir, output, **settings)
 
@@ -75,7 +75,8 @@ def test_a_tiny_study_writes_every_output_then_resumes_only_unfinished_runs(phan
                  "hd95_vs_ratio.png", "runs/real_f1_r0_s0/result.json", "runs/real-synthetic_f1_r0.5_s0/result.json"):
         assert (output / name).is_file(), name
     written = json.loads((output / "results.json").read_text())
-    assert written["settings"]["epochs"] == 2 and len(written["runs"]) == 2
+    assert written["settings"]["steps"] == 6 and len(written["runs"]) == 2
+    assert [run["steps"] for run in written["runs"]] == [6, 6]  # 14 and 21 images: the same updates
     real, mixed = written["groups"]
     assert real["metrics"]["dice"]["mean"] == pytest.approx(summary["groups"][0]["metrics"]["dice"]["mean"])
     assert (real["arm"], mixed["arm"], mixed["n_train_real"], mixed["n_train_synthetic"]) == \
@@ -83,11 +84,12 @@ def test_a_tiny_study_writes_every_output_then_resumes_only_unfinished_runs(phan
     assert 0.0 <= real["metrics"]["dice"]["mean"] <= 1.0 and real["metrics"]["dice"]["values"] != [None]
     assert mixed["paired_vs_real"]["dice"]["n_pairs"] == 4 and real["paired_vs_real"] == {}
     run = json.loads((output / "runs/real_f1_r0_s0/result.json").read_text())
-    assert len(run["train_loss"]) == 2 and len(run["per_image"]["dice"]) == 4
+    assert run["history"]["steps"] == 6 and len(run["history"]["train_loss"]) == 6
+    assert run["history"]["val_steps"] == list(range(1, 7)) and len(run["per_image"]["dice"]) == 4
     table = (output / "results.md").read_text()
     assert "| real+synthetic | 1 | 0.5 | 14 + 7 | 1 |" in table and "Δ Dice" in table
     assert Image.open(output / "dice_vs_ratio.png").size[0] > 100
-    assert any("epoch 2/2" in text for text in events)
+    assert any("step 6/6" in text for text in events)
     for score in (real["metrics"]["dice"], real["metrics"]["hd95"], mixed["paired_vs_real"]["dice"]):
         assert score["ci_low"] <= score["ci_high"] and "seeds and test images" in score["ci_method"]
     assert 0.0 <= real["metrics"]["dice"]["ci_low"] <= real["metrics"]["dice"]["mean"] <= \
@@ -101,13 +103,13 @@ def test_a_tiny_study_writes_every_output_then_resumes_only_unfinished_runs(phan
     finished = (output / "runs/real_f1_r0_s0/result.json").stat().st_mtime_ns
     events.clear()
     again = run_study("seg", phantom_dir, output, **settings)
-    trained = {text.split()[2] for text in events if " epoch " in text}
+    trained = {text.split()[2] for text in events if " step " in text}
     assert trained == {"real-synthetic_f1_r0.5_s0"}
     assert (output / "runs/real_f1_r0_s0/result.json").stat().st_mtime_ns == finished
     assert again["groups"][0]["metrics"]["dice"]["values"] == summary["groups"][0]["metrics"]["dice"]["values"]
 
-    with pytest.raises(StudyError, match=r"epochs \(was 2, now 3\)"):
-        run_study("seg", phantom_dir, output, **{**settings, "epochs": 3})
+    with pytest.raises(StudyError, match=r"steps \(was 6, now 7\)"):
+        run_study("seg", phantom_dir, output, **{**settings, "steps": 7})
     fewer = tmp_path / "fewer"
     shutil.copytree(synthetic_dir, fewer)
     pd.read_csv(fewer / "metadata.csv").head(10).to_csv(fewer / "metadata.csv", index=False)
@@ -118,14 +120,14 @@ def test_a_tiny_study_writes_every_output_then_resumes_only_unfinished_runs(phan
 def test_bench_cls_from_the_command_line_saves_scores_and_gradcam(phantom_dir, tmp_path):
     output = tmp_path / "cls"
     result = invoke("bench", "cls", "--data", phantom_dir, "--output_dir", output, "--network", "resnet18",
-                    "--arms", "classical", "--seeds", 1, "--epochs", 1, "--resolution", 32, "--batch_size", 4,
+                    "--arms", "real+classical", "--seeds", 1, "--steps", 3, "--resolution", 32, "--batch_size", 4,
                     "--gradcam_images", 2, "--device", "cpu")
     assert result.exit_code == 0, result.output
     summary = json.loads((output / "results.json").read_text())
     assert summary["classes"] == ["irregular", "round"] and summary["primary_metric"] == "auc"
     scores = summary["groups"][0]["metrics"]
     assert 0.0 <= scores["accuracy"]["mean"] <= 1.0 and 0.0 <= scores["macro_f1"]["mean"] <= 1.0
-    maps = sorted((output / "runs/classical_f1_r0_s0/gradcam").glob("*.png"))
+    maps = sorted((output / "runs/real-classical_f1_r0_s0/gradcam").glob("*.png"))
     assert len(maps) == 2 and np.asarray(Image.open(maps[0])).shape == (32, 32, 3)
     assert "AUC" in (output / "results.md").read_text()
 
@@ -148,7 +150,7 @@ def test_densenet121_gradcam_maps_are_written(phantom_dir, tmp_path):
     (["--arms", "real,real+synthetic"], "--arms: real+synthetic need synthetic images; pass --synthetic"),
     (["--synthetic_ratios", "one,two"], "--synthetic_ratios: expected comma-separated numbers"),
     (["--real_fractions", "0,1"], "--real_fractions: each must be in (0, 1]"),
-    (["--arms", "real,mixup"], "--arms: unknown or no arm(s) ['mixup']"),
+    (["--arms", "real,mixup"], "--arms: unknown or no seg arm(s) ['mixup']"),
     (["--network", "vnet"], "--network: unknown seg network 'vnet'"),
     (["--resolution", 40], "--resolution: network 'unet' needs a multiple of 16 px, got 40"),
 ])

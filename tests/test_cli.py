@@ -29,16 +29,16 @@ SUBCOMMANDS = {
     "train-encoder": ["--output_dir", "--split", "--max_train_steps", "--train_batch_size", "--learning_rate",
                       "--resolution", "--overwrite", "--channels", "--device", "--fit", "--max_train_samples", "--seed",
                       "--temperature"],
-    "bench": ["--data", "--synthetic", "--output_dir", "--network", "--resolution", "--epochs", "--seeds",
+    "bench": ["--data", "--synthetic", "--output_dir", "--network", "--resolution", "--steps", "--seeds",
               "--synthetic_ratios", "--real_fractions", "--arms", "--batch_size", "--learning_rate",
               "--label_column", "--gradcam_images", "--device", "--num_threads", "--channels", "--fit",
-              "--allow_unknown_provenance", "--config"],
+              "--select", "--allow_unknown_provenance", "--config"],
     "edges": ["--method", "--output_dir", "--split", "--low", "--high", "--thickness", "--overwrite"],
     "export": ["--output_dir", "--format", "--overwrite"],
     "patches": ["--output_dir", "--size", "--level", "--tissue_threshold", "--max_patches_per_slide",
                 "--val_fraction", "--test_fraction", "--seed", "--overwrite"],
     "demo": ["--data", "--output_dir", "--max_train_samples", "--resolution", "--finetune_steps", "--controlnet_steps",
-             "--seg_epochs", "--seg_seeds", "--overwrite", "--generator", "--consistency", "--no_consistency"],
+             "--seg_steps", "--seg_seeds", "--overwrite", "--generator", "--consistency", "--no_consistency"],
     "ssl": ["--data", "--output_dir", "--method", "--policies", "--clahe", "--no_clahe", "--label_column",
             "--positive_label", "--ignore_labels", "--synthetic", "--synthetic_policies", "--allow_unknown_provenance",
             "--resolution", "--steps", "--supervised_steps", "--supervised_policy", "--batch_size", "--learning_rate",
@@ -142,9 +142,9 @@ def test_phantom_then_init_model_with_its_prompts(tmp_path):
     assert bad.exit_code == 2 and "unknown preset 'huge'" in bad.output
 
 
-STUDY_SEG_FLAGS = ["--data", "--output_dir", "--real_fractions", "--seeds", "--generators", "--arms",
+STUDY_SEG_FLAGS = ["--data", "--output_dir", "--real_fractions", "--seeds", "--subset_draws", "--generators", "--arms",
                    "--synthetic_ratio", "--mask_augment", "--filter", "--unlabelled_images", "--seg_steps",
-                   "--diffusion_steps", "--pix2pix_steps", "--autoencoder_steps", "--gan_steps", "--quick",
+                   "--seg_resolution", "--diffusion_steps", "--pix2pix_steps", "--autoencoder_steps", "--gan_steps", "--quick",
                    "--config"]
 
 

@@ -15,7 +15,7 @@ from tests.test_report import coloured_pixels, dark_fraction, screenshot
 
 TINY = DemoSettings(phantom_images=16, phantom_size=64, preset="tiny", resolution=64, vae_steps=2, finetune_steps=2,
                     controlnet_steps=2, train_batch_size=2, inference_steps=2, encoder_steps=2, seg_resolution=32,
-                    seg_epochs=1, seg_seeds=2, segmenter_epochs=1)
+                    seg_steps=4, seg_seeds=2, segmenter_epochs=1)
 
 
 def run_tiny(output_dir, settings=TINY, **options):
@@ -95,7 +95,7 @@ def test_other_settings_in_the_same_folder_are_refused(demo):
 
 
 def test_the_controlnet_generator_trains_a_controlnet_and_generates_from_it(tmp_path):
-    settings = DemoSettings(**{**TINY.__dict__, "generator": "controlnet", "seg_seeds": 2, "seg_epochs": 1})
+    settings = DemoSettings(**{**TINY.__dict__, "generator": "controlnet", "seg_seeds": 2, "seg_steps": 4})
     report, _ = run_tiny(tmp_path / "out", settings)
     assert (tmp_path / "out" / "controlnet" / "controlnet" / "config.json").is_file()
     entries = [json.loads(line) for line in (tmp_path / "out" / "synthetic" / "manifest.jsonl").read_text().splitlines()]

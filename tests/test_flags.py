@@ -188,7 +188,7 @@ def test_a_record_replays_only_with_the_script_that_wrote_it(tmp_path):
 
 def test_medaug_commands_take_config_files_and_command_line_flags_win(tmp_path):
     config = tmp_path / "bench.yaml"
-    config.write_text(f"task: seg\ndata: {tmp_path / 'from-config'}\noutput_dir: {tmp_path / 'out'}\nepochs: 2\n")
+    config.write_text(f"task: seg\ndata: {tmp_path / 'from-config'}\noutput_dir: {tmp_path / 'out'}\nsteps: 2\n")
     result = runner.invoke(app, ["bench", "--config", str(config)])
     assert result.exit_code == 2 and "from-config" in result.output
     result = runner.invoke(app, ["bench", "--config", str(config), "--data", str(tmp_path / "typed")])

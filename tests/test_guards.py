@@ -164,7 +164,7 @@ def _bench_unknown_provenance(inputs):
     table = pd.read_csv(synthetic / "metadata.csv").assign(split="train")
     table.to_csv(synthetic / "metadata.csv", index=False)
     return (["medaug", "bench", "seg", "--data", inputs.data, "--synthetic", synthetic, "--output_dir",
-             inputs.tmp / "bench", "--epochs", "1", "--seeds", "1"], "have unknown provenance")
+             inputs.tmp / "bench", "--steps", "1", "--seeds", "1"], "have unknown provenance")
 
 
 def _output_is_file(command):

@@ -111,13 +111,13 @@ def quick_study(guarded_phantom, tmp_path_factory):
 def test_generators_learn_from_their_subset_only(guarded_phantom, quick_study):
     data, outside = guarded_phantom
     output, _, _ = quick_study
-    subset = DatasetFolder(output / "subsets" / "f0.5")
+    subset = DatasetFolder(output / "subsets" / "d0" / "f0.5")
     source = DatasetFolder(data)
     excluded = {source.value(i, "file_name") for i in outside}
     assert excluded and not excluded & {subset.value(i, "file_name") for i in range(len(subset))}
     assert not any((subset.root / name).exists() for name in excluded)
     for generator in ("pix2pix", "mask_channels"):
-        record = read_run_record(output / "generators" / "f0.5" / generator)
+        record = read_run_record(output / "generators" / "d0" / "f0.5" / generator)
         assert record.train_data_dir == str(subset.root.resolve())
 
 
@@ -136,10 +136,12 @@ def test_arms_train_equal_steps_and_the_summary_reads_as_documented(quick_study)
     on_disk = json.loads((output / "summary.json").read_text())
     real = next(row for row in on_disk["rows"] if row["arm"] == "real")
     mixed = next(row for row in on_disk["rows"] if row["arm"] == "real+synthetic" and row["generator"] == "pix2pix")
-    assert set(real) >= {"arm", "generator", "real_fraction", "mean", "ci_low", "ci_high", "seeds", "delta_vs_real",
+    assert set(real) >= {"arm", "generator", "real_fraction", "mean", "ci_low", "ci_high", "replicates", "draws", "delta_vs_real",
                          "delta_vs_classical"}
     assert mixed["delta_vs_real"]["mean"] == pytest.approx(mixed["mean"] - real["mean"])
     assert mixed["n_synthetic"] == mixed["n_real"]  # --synthetic_ratio 1
+    assert math.isnan(mixed["delta_vs_real"]["resolvable"]) or mixed["delta_vs_real"]["resolvable"] > 0
+    assert on_disk["learning_curve"][0]["plateau_step"] <= settings.seg_steps
     assert on_disk["task"] == "seg" and on_disk["metric"] == "dice"
 
 
@@ -149,12 +151,12 @@ def test_pairs_are_scored_filtered_and_shown(quick_study):
         accepted = generator["filter"]
         assert 0 < accepted["kept"] < accepted["total"] == generator["generated"]
         assert math.isfinite(generator["fidelity_ratio"])
-    manifest = (output / "synthetic" / "f0.5" / "pix2pix" / "manifest.jsonl").read_text().splitlines()
+    manifest = (output / "synthetic" / "d0" / "f0.5" / "pix2pix" / "manifest.jsonl").read_text().splitlines()
     assert all("label_fidelity_dice" in json.loads(line)["extra"] for line in manifest)
     report = (output / "report.html").read_text()
     assert "Has real-only finished learning?" in report and "filter acceptance" in report
     # plots (Dice, learning curve, fidelity), generated pairs of two generators, 7 arms' predictions on the same images
-    predictions = np.load(output / "runs" / "f0.5_real_s0" / "overlay_predictions.npz")["masks"]
+    predictions = np.load(output / "runs" / "d0_f0.5_real_s0" / "overlay_predictions.npz")["masks"]
     assert report.count("data:image/png;base64,") >= 3 + 2 + 7 * len(predictions) and len(predictions) > 0
     assert "https://" not in report and "<script" not in report
 
@@ -191,7 +193,7 @@ def test_the_study_report_shows_plots_and_each_arm_s_predictions_in_chromium(qui
 
     output, _, summary = quick_study
     text = (output / "report.html").read_text()
-    assert "href=" not in text and "percentile bootstrap interval over seeds and test images" in text
+    assert "href=" not in text and "percentile bootstrap interval over subset draws, seeds and test images" in text
     for row in summary["rows"]:
         assert 0.0 <= row["ci_low"] <= row["mean"] <= row["ci_high"] <= 1.0, row
     shown = screenshot(output / "report.html", tmp_path / "study.png")
@@ -212,9 +214,9 @@ def test_autoencoder_and_gan_are_arms_and_the_synthetic_arm_trains_on_synthetic_
     summary = run_lowdata_study(data, output, settings)
     rows = {(row["arm"], row["generator"]): row for row in summary["rows"]}
     assert set(rows) == {("real", None), ("synthetic", "autoencoder"), ("synthetic", "gan")}
-    subset = (output / "subsets" / "f0.5").resolve()
+    subset = (output / "subsets" / "d0" / "f0.5").resolve()
     for generator in ("autoencoder", "gan"):
-        record = read_run_record(output / "generators" / "f0.5" / generator)
+        record = read_run_record(output / "generators" / "d0" / "f0.5" / generator)
         assert (record.generator, record.generator_condition) == (generator, "mask")
         assert record.train_data_dir == str(subset)
         row = rows[("synthetic", generator)]
@@ -222,3 +224,21 @@ def test_autoencoder_and_gan_are_arms_and_the_synthetic_arm_trains_on_synthetic_
     for result_file in (output / "runs").glob("*synthetic*/result.json"):
         result = json.loads(result_file.read_text())
         assert result["n_real"] == 0 and result["n_synthetic"] > 0
+
+
+def test_subset_draws_are_independent_and_deltas_pair_by_draw_and_seed(phantom_dir, tmp_path):
+    output = tmp_path / "draws"
+    settings = LowDataSettings.quick(real_fractions=(0.5,), arms=("real", "real+classical"), generators=(),
+                                     seeds=2, subset_draws=2)
+    summary = run_lowdata_study(phantom_dir, output, settings)
+    first, second = (DatasetFolder(output / "subsets" / f"d{d}" / "f0.5") for d in (0, 1))
+    train = [{f.value(i, "file_name") for i in f.indices("train")} for f in (first, second)]
+    assert train[0] != train[1] and len(train[0]) == len(train[1])  # two draws, same size
+    runs = sorted(path.parent.name for path in (output / "runs").glob("*/result.json"))
+    assert runs == sorted(f"d{d}_f0.5_{arm}_s{s}" for d in (0, 1) for arm in ("real", "real-classical")
+                          for s in (0, 1))
+    classical = next(row for row in summary["rows"] if row["arm"] == "real+classical")
+    assert (classical["draws"], classical["replicates"]) == (2, 4)
+    delta = classical["delta_vs_real"]
+    assert delta["replicates"] == 4 and delta["resolvable"] > 0
+    assert "2×2" in (output / "results.md").read_text()

@@ -94,7 +94,7 @@ def _offset_square_item(tmp_path, height=40, width=64):
 
 def test_loading_keeps_image_and_mask_aligned_through_padding(tmp_path):
     item = _offset_square_item(tmp_path)
-    sample = build_transforms(32, 1, "pad", with_masks=True, augment=False)(item)
+    sample = build_transforms(32, 1, "pad", with_masks=True, augment="none")(item)
     image, mask = sample["image"], sample["mask"]
     assert image.shape == (1, 32, 32) and mask.shape == (1, 32, 32)
     assert set(torch.unique(mask).tolist()) == {0.0, 1.0}
@@ -104,10 +104,10 @@ def test_loading_keeps_image_and_mask_aligned_through_padding(tmp_path):
 
 def test_classical_augmentation_moves_the_mask_with_the_image(tmp_path):
     item = _offset_square_item(tmp_path)
-    transform = build_transforms(32, 1, "pad", with_masks=True, augment=True)
+    transform = build_transforms(32, 1, "pad", with_masks=True, augment="classical")
     transform.set_random_state(seed=0)
     overlaps, changed = [], 0
-    plain = build_transforms(32, 1, "pad", with_masks=True, augment=False)(item)
+    plain = build_transforms(32, 1, "pad", with_masks=True, augment="none")(item)
     for _ in range(12):
         sample = transform(item)
         bright, mask = sample["image"] > 0.5, sample["mask"] > 0.5

@@ -30,7 +30,7 @@ def bench_command(
     task: Annotated[str, typer.Argument(help="seg (segmentation: Dice, IoU, HD95) or cls (classification: AUC, "
                                         "accuracy, macro-F1, Grad-CAM).")],
     data: Annotated[Path, typer.Option("--data", help="Real dataset folder with train and test splits (val, if "
-                                       "present, picks the best epoch); scores are on its test split.")],
+                                       "present, draws the learning curve); scores are on its test split.")],
     output_dir: Annotated[Path, typer.Option("--output_dir", help="Folder for results.json, results.md, plots "
                                              "and runs/; running again on it resumes unfinished runs.")],
     synthetic: Annotated[Optional[list[Path]], typer.Option(
@@ -39,22 +39,27 @@ def bench_command(
     network: Annotated[Optional[str], typer.Option(
         "--network", help="seg: unet, attention_unet, segresnet, smp_unet (default unet); cls: densenet121, "
         "resnet18 (default densenet121).")] = None,
-    resolution: Annotated[int, typer.Option("--resolution", help="Square side in pixels images are padded and "
-                                            "resized to.")] = 128,
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs of every run.")] = 30,
+    resolution: Annotated[int, typer.Option("--resolution", help="Square side in pixels images are made "
+                                            "(by --fit) and scored at.")] = 128,
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps of every run, the same for every arm "
+                                       "whatever its number of images.")] = 1500,
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per arm (runs 0..N-1); the CI is over them.")] = 3,
     synthetic_ratios: Annotated[str, typer.Option(
         "--synthetic_ratios", help="Synthetic images per real image in the +synthetic arms.")] = "0.5,1,2",
     real_fractions: Annotated[str, typer.Option(
         "--real_fractions", help="Fractions of the real training split to train on, e.g. 0.1,0.25,1.0.")] = "1.0",
     arms: Annotated[Optional[str], typer.Option(
-        "--arms", help="Comma-separated arms: real, real+synthetic, synthetic, classical, classical+synthetic "
-        "(default: all with --synthetic, else real,classical).")] = None,
+        "--arms", help="Comma-separated arms: real, real+classical, real+synthetic, real+classical+synthetic, "
+        "synthetic_pretrain (seg), synthetic (default: all but synthetic_pretrain with --synthetic, else "
+        "real,real+classical). Every arm has flips; +classical adds the heavier policy.")] = None,
     batch_size: Annotated[int, typer.Option("--batch_size", help="Images per training step.")] = 16,
     learning_rate: Annotated[Optional[float], typer.Option(
         "--learning_rate", help="Adam learning rate (default 1e-3 for seg, 3e-4 for cls).")] = None,
     channels: Annotated[int, typer.Option("--channels", help="1 (grey) or 3 (colour) input channels.")] = 1,
-    fit: Annotated[str, typer.Option("--fit", help="How images become square: pad, crop or stretch.")] = "pad",
+    fit: Annotated[str, typer.Option("--fit", help="How images become square: stretch, pad or crop.")] = "stretch",
+    select: Annotated[str, typer.Option("--select", help="Which weights are tested: last, or best_val (the best "
+                                        "of about 20 validations; seg only, cls always keeps the lowest val "
+                                        "loss).")] = "last",
     label_column: Annotated[str, typer.Option("--label_column", help="Metadata column with the class "
                                               "(cls; e.g. finding for covid_cxr).")] = "label",
     gradcam_images: Annotated[int, typer.Option("--gradcam_images", help="Test images per cls run to save "
@@ -86,7 +91,8 @@ def bench_command(
         try:
             summary = run_study(
                 task, data, output_dir, synthetic_dirs=synthetic or [], network=network, resolution=resolution,
-                channels=channels, fit=fit, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                channels=channels, fit=fit, steps=steps, batch_size=batch_size, select=select,
+                learning_rate=learning_rate,
                 seeds=seeds, synthetic_ratios=parse_numbers(synthetic_ratios, "--synthetic_ratios"),
                 real_fractions=parse_numbers(real_fractions, "--real_fractions"), arms=arm_list,
                 label_column=label_column, device=device, gradcam_images=gradcam_images, num_threads=num_threads,

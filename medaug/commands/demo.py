@@ -37,8 +37,9 @@ def demo_command(
         "--consistency/--no_consistency", help="mask_channels: also train with the mask-consistency loss (a "
                                                "segmenter trained on the real train split must find each mask in "
                                                "the one-step clean estimate).")] = DemoSettings.consistency,
-    seg_epochs: Annotated[int, typer.Option("--seg_epochs", min=1, help="Epochs of each segmentation run.")] = (
-        DemoSettings.seg_epochs),
+    seg_steps: Annotated[int, typer.Option("--seg_steps", min=1, help="Optimiser steps of every segmentation arm "
+                                           "(the same for each, as in medaug bench and study).")] = (
+        DemoSettings.seg_steps),
     seg_seeds: Annotated[int, typer.Option("--seg_seeds", min=2, help="Seeds per arm of the study.")] = (
         DemoSettings.seg_seeds),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again in an --output_dir that holds a "
@@ -54,7 +55,7 @@ def demo_command(
     settings = DemoSettings(max_train_samples=max_train_samples if max_train_samples is not None else max_train_images,
                             resolution=resolution, finetune_steps=finetune_steps,
                             controlnet_steps=controlnet_steps, generator=generator, consistency=consistency,
-                            seg_epochs=seg_epochs,
+                            seg_steps=seg_steps,
                             seg_seeds=seg_seeds)
 
     def announce(number: int, total: int, title: str, done: bool) -> None:

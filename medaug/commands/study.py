@@ -36,6 +36,9 @@ def study_seg_command(
                                                 "nested and stratified, by patient where patient_id exists.")] =
         "0.1,0.25,1",
     seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Seeds per arm (default 3).")] = None,
+    subset_draws: Annotated[Optional[int], typer.Option(
+        "--subset_draws", min=1, help="Independent stratified subsets per fraction, each with generators of its own "
+        "(draw d uses subset seed d); differences pair by draw, seed and test image (default 1).")] = None,
     generators: Annotated[str, typer.Option("--generators", help="Comma-separated: mask_channels, controlnet, "
                                             "pix2pix, autoencoder, gan.")] = "mask_channels,pix2pix",
     arms: Annotated[str, typer.Option("--arms", help="Comma-separated: real, real+classical, real+synthetic, "
@@ -55,6 +58,8 @@ def study_seg_command(
                                                    "from every training image without masks.")] = "labelled",
     seg_steps: Annotated[Optional[int], typer.Option("--seg_steps", min=2, help="Optimiser steps of every arm "
                                                      "(default 1500).")] = None,
+    seg_resolution: Annotated[Optional[int], typer.Option("--seg_resolution", min=16, help="Side in px the "
+                                                          "segmenter trains and is scored at (default 128).")] = None,
     diffusion_steps: Annotated[Optional[int], typer.Option("--diffusion_steps", min=1, help="mask_channels "
                                                            "training steps (default 1000).")] = None,
     pix2pix_steps: Annotated[Optional[int], typer.Option("--pix2pix_steps", min=1, help="pix2pix training steps "
@@ -73,10 +78,10 @@ def study_seg_command(
     from medaug.lowdata.study import LowDataStudyError, run_lowdata_study, settings_from_flags
 
     settings = settings_from_flags(
-        quick, real_fractions=_floats(real_fractions, "--real_fractions"), seeds=seeds,
+        quick, real_fractions=_floats(real_fractions, "--real_fractions"), seeds=seeds, subset_draws=subset_draws,
         generators=_names(generators), arms=_names(arms), synthetic_ratio=synthetic_ratio, mask_augment=mask_augment,
-        filter=filter_rule, unlabelled_images=unlabelled_images, seg_steps=seg_steps, diffusion_steps=diffusion_steps,
-        pix2pix_steps=pix2pix_steps, autoencoder_steps=autoencoder_steps, gan_steps=gan_steps)
+        filter=filter_rule, unlabelled_images=unlabelled_images, seg_steps=seg_steps, seg_resolution=seg_resolution,
+        diffusion_steps=diffusion_steps, pix2pix_steps=pix2pix_steps, autoencoder_steps=autoencoder_steps, gan_steps=gan_steps)
     try:
         with output_lock(output_dir):
             summary = run_lowdata_study(data, output_dir, settings, on_stage=lambda text: console.rule(text))
@@ -85,5 +90,6 @@ def study_seg_command(
     for row in summary["rows"]:
         delta = row["delta_vs_real"]
         console.print(f"{row['real_fraction']:g} {row['arm']:<26} {row['generator'] or '':<14} Dice "
-                      f"{row['mean']:.3f}" + (f"  Δ vs real {delta['mean']:+.3f}" if delta else ""))
+                      f"{row['mean']:.3f}" + (f"  Δ vs real {delta['mean']:+.3f} (resolvable ±{delta['resolvable']:.3f})"
+                                              if delta else ""))
     console.print(f"report: {output_dir / 'report.html'}")

@@ -5,10 +5,14 @@ every generator trained on that folder only; pairs generated for its masks (or f
 `mask_augment`), scored by a segmenter trained on the subset and optionally filtered by that score; then the arms,
 each trained for the same number of optimiser steps over `seeds` seeds and scored on the real test split:
 
-- `real`: the subset alone; `real+classical`: with classical augmentation;
+- `real`: the subset alone, with flips (the yardstick); `real+classical`: with classical augmentation;
 - `real+synthetic`, `real+classical+synthetic`: plus `synthetic_ratio` x as many synthetic pairs;
 - `synthetic_pretrain`: half the steps on synthetic pairs, then half on the subset;
 - `synthetic`: synthetic pairs only (train on synthetic, test on real); not run unless asked for.
+
+The arms are `medaug.segmentation.arms`' and train through its `train_seg_arm`, as `medaug bench` and the demo do.
+With `subset_draws` above 1 the whole chain runs again on independent subsets (draw d uses subset seed
+`subset_seed + d`, with generators of its own), so the report's paired differences cover the luck of the draw too.
 
 Every stage leaves a file that marks it finished (a subset's metadata.csv, a run's medaug_args.json, a synthetic
 folder's manifest, a run's result.json), so a study started again on its output folder goes on where it stopped, and
@@ -23,21 +27,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-
 from medaug.data.folder import is_dataset_folder
 from medaug.files import write_json_atomic
 from medaug.lowdata.filter import FilterRule, keep_pairs
 from medaug.lowdata.generators import GENERATORS, GeneratorSettings, generate_pairs, train_generator
 from medaug.lowdata.subsets import subset_name, write_nested_subsets
+from medaug.segmentation.arms import ARMS, SYNTHETIC_ARMS
+from medaug.segmentation.train_seg import SegRecipe
 from medaug.speed import choose_threads
 
-ARMS = ("real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic_pretrain", "synthetic")
-SYNTHETIC_ARMS = ARMS[2:]
-DEFAULT_ARMS = ARMS[:5]
+DEFAULT_ARMS = ("real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic_pretrain")
 UNLABELLED = ("labelled", "all")
 SETTINGS_FILE = "study_settings.json"
-GROWABLE = ("real_fractions", "seeds", "arms", "generators")  # a resumed study may ask for more of these
+GROWABLE = ("real_fractions", "seeds", "arms", "generators", "subset_draws")  # a resumed study may grow these
 OVERLAY_IMAGES = 4
 
 
@@ -49,16 +51,17 @@ class LowDataStudyError(ValueError):
 class LowDataSettings:
     real_fractions: tuple[float, ...] = (0.1, 0.25, 1.0)
     seeds: int = 3
+    subset_draws: int = 1
     generators: tuple[str, ...] = ("mask_channels", "pix2pix")
     arms: tuple[str, ...] = DEFAULT_ARMS
     synthetic_ratio: float = 1.0
     mask_augment: bool = False
     filter: str | None = None
     unlabelled_images: str = "labelled"
-    seg_steps: int = 1500
-    seg_resolution: int = 64
-    seg_batch_size: int = 16
-    seg_learning_rate: float = 1e-3
+    seg_steps: int = SegRecipe.steps
+    seg_resolution: int = SegRecipe.resolution
+    seg_batch_size: int = SegRecipe.batch_size
+    seg_learning_rate: float = SegRecipe.learning_rate
     subset_seed: int = 0
     generator: GeneratorSettings = field(default_factory=GeneratorSettings)
 
@@ -68,13 +71,20 @@ class LowDataSettings:
         tiny = GeneratorSettings(preset="tiny", vae_steps=4, base_steps=4, diffusion_steps=4, controlnet_steps=4,
                                  pix2pix_steps=4, autoencoder_steps=4, gan_steps=4, batch_size=4,
                                  segmenter_epochs=2, inference_steps=2)
-        return cls(**{"seeds": 1, "seg_steps": 6, "seg_batch_size": 4, "generator": tiny, **overrides})
+        return cls(**{"seeds": 1, "seg_steps": 6, "seg_batch_size": 4, "seg_resolution": 64, "generator": tiny,
+                      **overrides})
+
+    def seg_recipe(self) -> SegRecipe:
+        """The recipe every arm trains with (the engine's defaults for what the study does not set)."""
+        return SegRecipe(steps=self.seg_steps, resolution=self.seg_resolution, batch_size=self.seg_batch_size,
+                         learning_rate=self.seg_learning_rate)
 
     def check(self) -> None:
         """Refuse settings that cannot run, naming the flag."""
         problems = {
             "--real_fractions": not self.real_fractions or any(not 0 < f <= 1 for f in self.real_fractions),
             "--seeds": self.seeds < 1,
+            "--subset_draws": self.subset_draws < 1,
             "--generators": any(g not in GENERATORS for g in self.generators),
             "--arms": not self.arms or any(a not in ARMS for a in self.arms),
             "--synthetic_ratio": not self.synthetic_ratio > 0,
@@ -88,6 +98,10 @@ class LowDataSettings:
                                         f"{', '.join(GENERATORS)}; --unlabelled_images: {' or '.join(UNLABELLED)})")
         if any(a in SYNTHETIC_ARMS for a in self.arms) and not self.generators:
             raise LowDataStudyError("--generators: the synthetic arms need at least one generator")
+        try:
+            self.seg_recipe().check()
+        except ValueError as error:
+            raise LowDataStudyError(str(error).replace("--resolution", "--seg_resolution")) from error
         if self.filter is not None:
             try:
                 FilterRule.parse(self.filter)
@@ -105,6 +119,10 @@ class Arm:
     def key(self) -> str:
         name = self.name.replace("+", "-")
         return f"{subset_name(self.fraction)}_{name}" + (f"_{self.generator}" if self.generator else "")
+
+
+def draw_name(draw: int) -> str:
+    return f"d{draw}"
 
 
 def plan_arms(settings: LowDataSettings) -> list[Arm]:
@@ -192,43 +210,28 @@ def synthetic_pairs(generator: str, subset: Path, work: Path, synthetic_dir: Pat
     return record
 
 
-def run_arm(arm: Arm, seed: int, data, synthetic: list[dict], settings: LowDataSettings, run_dir: Path) -> dict:
+def run_arm(arm: Arm, seed: int, data, synthetic: list[dict], settings: LowDataSettings, run_dir: Path,
+            draw: int = 0) -> dict:
     """Train one arm at one seed for `seg_steps` optimiser steps and score it on the real test split."""
-    import torch
-
-    from medaug.segmentation.common import evaluation_batches
-    from medaug.segmentation.study import synthetic_sample
-    from medaug.segmentation.train_seg import fit_segmenter, predict_and_score, summarise_segmentation
+    from medaug.segmentation.arms import train_seg_arm
+    from medaug.segmentation.study import save_overlay_predictions, synthetic_sample
 
     result_path = run_dir / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
-    options = {"resolution": settings.seg_resolution, "batch_size": settings.seg_batch_size, "seed": seed,
-               "learning_rate": settings.seg_learning_rate}
-    real = data.train
-    extra = synthetic_sample(synthetic, round(settings.synthetic_ratio * len(real)), seed) if arm.generator else []
-    steps = settings.seg_steps
-    if arm.name == "synthetic_pretrain":
-        pretrained, pre_history = fit_segmenter(extra, data.val, max_steps=steps // 2, **options)
-        model, history = fit_segmenter(real, data.val, max_steps=steps - steps // 2,
-                                       initial_state=pretrained.state_dict(), **options)
-        history["pretrain"] = pre_history
-    else:
-        items = {"synthetic": extra, "real+synthetic": real + extra, "real+classical+synthetic": real + extra
-                 }.get(arm.name, real)
-        model, history = fit_segmenter(items, data.val, max_steps=steps, augment="classical" in arm.name, **options)
-    batches = evaluation_batches(data.test, settings.seg_resolution, 1, "pad", True, settings.seg_batch_size)
-    per_image = predict_and_score(model, batches, torch.device("cpu"))
-    overlay = _overlay_items(data.test)
-    with torch.no_grad():
-        model.eval()
-        shown = evaluation_batches(overlay, settings.seg_resolution, 1, "pad", True, OVERLAY_IMAGES)
-        predictions = [model(batch["image"]).argmax(dim=1).numpy().astype(bool) for batch in shown]
-    np.savez_compressed(run_dir / "overlay_predictions.npz", masks=np.concatenate(predictions))
-    result = {"arm": arm.name, "generator": arm.generator, "real_fraction": arm.fraction, "seed": seed,
-              "n_real": 0 if arm.name == "synthetic" else len(real), "n_synthetic": len(extra), "steps": steps,
-              "per_image": per_image,
-              "metrics": summarise_segmentation(per_image), "history": history}
+    recipe = settings.seg_recipe()
+    extra = synthetic_sample(synthetic, round(settings.synthetic_ratio * len(data.train)), seed) if arm.generator \
+        else []
+
+    def save_predictions(model) -> None:
+        save_overlay_predictions(model, _overlay_items(data.test), run_dir / "overlay_predictions.npz",
+                                 recipe.resolution, recipe.channels, recipe.fit, "cpu")
+
+    outcome = train_seg_arm(arm.name, data.train, extra, data.val, data.test, recipe, seed, on_model=save_predictions)
+    result = {"arm": arm.name, "generator": arm.generator, "real_fraction": arm.fraction, "draw": draw, "seed": seed,
+              "n_real": 0 if arm.name == "synthetic" else len(data.train), "n_synthetic": len(extra),
+              "steps": recipe.steps, "seconds": outcome["seconds"], "per_image": outcome["per_image"],
+              "metrics": outcome["metrics"], "history": outcome["history"]}
     write_json_atomic(result_path, result)
     return result
 
@@ -243,11 +246,39 @@ def _overlay_items(test: list[dict]) -> list[dict]:
 # ---- the study ---------------------------------------------------------------------------------------------
 
 
+def run_subset(draw: int, fraction: float, subset: Path, output_dir: Path, settings: LowDataSettings,
+               unlabelled: Path | None, say: Callable[[str], None]) -> tuple[dict, list[dict]]:
+    """One subset's generators, pairs and arms: ({(draw, fraction, generator): pairs record}, [run results])."""
+    from medaug.segmentation.inputs import load_study_data
+
+    place = f"{draw_name(draw)}/{subset_name(fraction)}"
+    work = output_dir / "generators" / place
+    real = load_study_data("seg", subset)
+    wanted = math.ceil(settings.synthetic_ratio * len(real.train))
+    scorer = scorer_for(subset, work, settings)
+    pairs, synthetic = {}, {}
+    for generator in settings.generators:
+        say(f"{place}: generator {generator}")
+        synthetic_dir = output_dir / "synthetic" / place / generator
+        record = synthetic_pairs(generator, subset, work, synthetic_dir, wanted, scorer, settings, unlabelled)
+        pairs[(draw, fraction, generator)] = record
+        kept = set(record["kept"])
+        items = load_study_data("seg", subset, [synthetic_dir]).synthetic
+        synthetic[generator] = [item for item in items if item["file_name"] in kept]
+    results = []
+    for arm in [arm for arm in plan_arms(settings) if arm.fraction == fraction]:
+        for seed in range(settings.seeds):
+            say(f"{draw_name(draw)} {arm.key} seed {seed}")
+            run_dir = output_dir / "runs" / f"{draw_name(draw)}_{arm.key}_s{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            results.append(run_arm(arm, seed, real, synthetic.get(arm.generator, []), settings, run_dir, draw))
+    return pairs, results
+
+
 def run_lowdata_study(data: str | Path, output_dir: str | Path, settings: LowDataSettings,
                       on_stage: Callable[[str], None] | None = None) -> dict:
     """Run (or resume) every stage and write summary.json, results.md and report.html; return the summary."""
     from medaug.lowdata.summary import write_outputs
-    from medaug.segmentation.inputs import load_study_data
 
     settings.check()
     choose_threads()  # as many as cores are idle (medaug.speed)
@@ -256,30 +287,17 @@ def run_lowdata_study(data: str | Path, output_dir: str | Path, settings: LowDat
         raise LowDataStudyError(f"--data: {data} holds no metadata.csv, metadata.jsonl or split folders with one")
     open_study(output_dir, data, settings)
     say = on_stage or (lambda text: None)
-    say("subsets")
-    subsets = write_nested_subsets(data, output_dir / "subsets", list(settings.real_fractions), settings.subset_seed)
     unlabelled = data if settings.unlabelled_images == "all" else None
-    pairs, results = {}, []
-    for fraction, subset in subsets.items():
-        work = output_dir / "generators" / subset_name(fraction)
-        real = load_study_data("seg", subset)
-        wanted = math.ceil(settings.synthetic_ratio * len(real.train))
-        scorer = scorer_for(subset, work, settings)
-        synthetic: dict[str, list[dict]] = {}
-        for generator in settings.generators:
-            say(f"{subset_name(fraction)}: generator {generator}")
-            synthetic_dir = output_dir / "synthetic" / subset_name(fraction) / generator
-            record = synthetic_pairs(generator, subset, work, synthetic_dir, wanted, scorer, settings, unlabelled)
-            pairs[(fraction, generator)] = record
-            kept = set(record["kept"])
-            items = load_study_data("seg", subset, [synthetic_dir]).synthetic
-            synthetic[generator] = [item for item in items if item["file_name"] in kept]
-        for arm in [arm for arm in plan_arms(settings) if arm.fraction == fraction]:
-            for seed in range(settings.seeds):
-                say(f"{arm.key} seed {seed}")
-                run_dir = output_dir / "runs" / f"{arm.key}_s{seed}"
-                run_dir.mkdir(parents=True, exist_ok=True)
-                results.append(run_arm(arm, seed, real, synthetic.get(arm.generator, []), settings, run_dir))
+    pairs, results, subsets = {}, [], {}
+    for draw in range(settings.subset_draws):
+        say(f"{draw_name(draw)}: subsets")
+        drawn = write_nested_subsets(data, output_dir / "subsets" / draw_name(draw), list(settings.real_fractions),
+                                     settings.subset_seed + draw)
+        subsets.update({(draw, fraction): path for fraction, path in drawn.items()})
+        for fraction, subset in drawn.items():
+            draw_pairs, draw_results = run_subset(draw, fraction, subset, output_dir, settings, unlabelled, say)
+            pairs.update(draw_pairs)
+            results += draw_results
     say("report")
     return write_outputs(output_dir, settings, results, pairs, subsets)
 

@@ -1,10 +1,12 @@
 """What a low-data study writes: `summary.json` (for other tools), `results.md` (a table) and `report.html`.
 
-Each arm x generator x real fraction is a group of runs, one per seed. Its score is the mean test Dice over seeds
-with a 95% percentile bootstrap interval over seeds and test images, clipped to [0, 1]; its differences against
-`real` and against `real+classical` are paired by seed and test image (same subset, same seed, same images), given
-the same kind of interval and a Wilcoxon signed-rank test of per-image Dice averaged over the seeds, and called
-better or worse only where both agree.
+Each arm x generator x real fraction is a group of runs, one per subset draw and seed (a replicate). Its score is
+the mean test Dice over replicates with a 95% percentile bootstrap interval over replicates and test images, clipped
+to [0, 1]; its differences against `real` and against `real+classical` are paired by draw, seed and test image (same
+subset, same seed, same images), given the same kind of interval and a Wilcoxon signed-rank test of per-image Dice
+averaged over the replicates, and called better or worse only where both agree. Beside each difference stands the
+smallest difference the design could have resolved (80% power at 95% confidence, from the observed paired spread:
+`medaug.segmentation.stats.resolvable_difference`), so "no clear difference" says how small a gain it could rule in.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ import numpy as np
 
 from medaug.files import write_json_atomic, write_text_atomic
 from medaug.lowdata.subsets import subset_name
+from medaug.segmentation.train_seg import PLATEAU_TOLERANCE
 from medaug.report_numbers import p_text, with_interval
-from medaug.segmentation.stats import (BOUNDS, bootstrap_interval, difference_bounds, paired_test, score_tables,
-                                       verdict)
+from medaug.segmentation.stats import (BOUNDS, bootstrap_interval, difference_bounds, paired_test, replicate,
+                                       resolvable_difference, score_tables, verdict)
 
 METRIC = "dice"
-INTERVALS = ("95% percentile bootstrap interval over seeds and test images, clipped to [0, 1]; Δ columns pair runs "
-             "by seed and test image, with a Wilcoxon signed-rank p on per-image Dice averaged over seeds, and say "
-             "better or worse only where the interval excludes 0 and p < 0.05")
+INTERVALS = ("95% percentile bootstrap interval over subset draws, seeds and test images, clipped to [0, 1]; Δ "
+             "columns pair runs by draw, seed and test image, with a Wilcoxon signed-rank p on per-image Dice averaged "
+             "over replicates, say better or worse only where the interval excludes 0 and p < 0.05, and give the "
+             "smallest difference the design resolves (± r: 80% power at 95% confidence, from the paired spread)")
 
 
 def _interval(runs: list[dict]) -> dict:
@@ -37,16 +41,17 @@ def _runs(results: list[dict], arm: str, generator, fraction: float) -> list[dic
 
 
 def _delta(runs: list[dict], baseline: list[dict]) -> dict | None:
-    """Paired by seed and test image: the mean difference, its bootstrap interval, the test and the verdict."""
-    seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in baseline})
-    if not seeds:
+    """Paired by draw, seed and test image: the mean difference, its bootstrap interval, the test, the verdict and
+    the smallest difference the design resolves."""
+    replicates = sorted({replicate(r) for r in runs} & {replicate(r) for r in baseline})
+    if not replicates:
         return None
     arm_table, base_table = (np.asarray(table, float) for table in score_tables(METRIC, runs, baseline))
     interval = bootstrap_interval((arm_table - base_table).tolist(), difference_bounds(BOUNDS[METRIC]))
     image_means = [table.mean(axis=0) if table.ndim == 2 else table for table in (arm_table, base_table)]
     test = paired_test(list(image_means[0]), list(image_means[1]))
-    return {**interval, "seeds": len(seeds), "test": test["test"], "p_value": test["p_value"],
-            "verdict": verdict(interval, test["p_value"])}
+    return {**interval, "replicates": len(replicates), "test": test["test"], "p_value": test["p_value"],
+            "verdict": verdict(interval, test["p_value"]), "resolvable": resolvable_difference(interval)}
 
 
 def summary_rows(results: list[dict]) -> list[dict]:
@@ -57,7 +62,9 @@ def summary_rows(results: list[dict]) -> list[dict]:
         real = _runs(results, "real", None, fraction)
         classical = _runs(results, "real+classical", None, fraction)
         rows.append({"arm": arm, "generator": generator, "real_fraction": fraction, **_interval(runs),
-                     "seeds": len(runs), "steps": runs[0]["steps"], "n_real": runs[0]["n_real"],
+                     "replicates": len(runs), "draws": len({r.get("draw", 0) for r in runs}),
+                     "seconds_per_run": float(np.mean([r.get("seconds", math.nan) for r in runs])),
+                     "steps": runs[0]["steps"], "n_real": runs[0]["n_real"],
                      "n_synthetic": runs[0]["n_synthetic"],
                      "dice_lesion": float(np.mean([r["metrics"]["dice_lesion"] for r in runs])),
                      "hd95": float(np.nanmean([r["metrics"]["hd95"] for r in runs])),
@@ -68,9 +75,10 @@ def summary_rows(results: list[dict]) -> list[dict]:
 
 def _generator_rows(pairs: dict) -> list[dict]:
     rows = []
-    for (fraction, generator), record in pairs.items():
+    for (draw, fraction, generator), record in pairs.items():
         fidelity, accepted = record["fidelity"], record["filter"]
-        rows.append({"real_fraction": fraction, "generator": generator, "generated": record["generated"]["total"],
+        rows.append({"draw": draw, "real_fraction": fraction, "generator": generator,
+                     "generated": record["generated"]["total"],
                      "kept": len(record["kept"]), **{f"fidelity_{k}": v for k, v in fidelity.items()},
                      "filter": accepted})
     return rows
@@ -79,43 +87,72 @@ def _generator_rows(pairs: dict) -> list[dict]:
 def write_outputs(output_dir: Path, settings, results: list[dict], pairs: dict, subsets: dict) -> dict:
     from dataclasses import asdict
 
+    recipe = settings.seg_recipe()
     summary = {"task": "seg", "metric": METRIC, "rows": summary_rows(results), "generators": _generator_rows(pairs),
-               "settings": asdict(settings),
-               "subsets": {subset_name(f): str(path) for f, path in subsets.items()},
-               "equal_steps": f"Every arm trained for {settings.seg_steps} optimiser steps (batch "
-                              f"{settings.seg_batch_size}); synthetic_pretrain: half on synthetic pairs, half on real"}
+               "settings": asdict(settings), "recipe": recipe.settings(),
+               "learning_curve": plateau_rows(results),
+               "subsets": {f"d{draw}/{subset_name(f)}": str(path) for (draw, f), path in subsets.items()},
+               "equal_steps": f"Every arm trained for {recipe.steps} optimiser steps (batch {recipe.batch_size}, "
+                              f"{recipe.resolution} px, {recipe.fit}, {recipe.schedule} Adam {recipe.learning_rate:g}, "
+                              f"{recipe.select} weights tested; flips in every arm); synthetic_pretrain: half on "
+                              "synthetic pairs, half on real"}
     write_json_atomic(output_dir / "summary.json", summary, indent=2)
     write_text_atomic(output_dir / "results.md", markdown(summary))
     write_text_atomic(output_dir / "report.html", render_html(output_dir, summary, results, pairs))
     return summary
 
 
+def plateau_rows(results: list[dict]) -> list[dict]:
+    """Per real fraction, where the real-only arm's validation Dice levelled (median over its runs) and how its
+    last validation compares with its best: has the yardstick finished learning?"""
+    rows = []
+    for fraction in sorted({r["real_fraction"] for r in results if r["arm"] == "real"}):
+        histories = [r["history"] for r in results
+                     if r["arm"] == "real" and r["real_fraction"] == fraction and r["history"].get("val_dice")]
+        if histories:
+            rows.append({"real_fraction": fraction, "steps": histories[0]["steps"], "runs": len(histories),
+                         "plateau_step": float(np.median([h["plateau_step"] for h in histories])),
+                         "last_minus_best": float(np.mean([h["val_dice"][-1] - max(h["val_dice"])
+                                                           for h in histories]))})
+    return rows
+
+
 def _ci(block: dict | None, signed: bool = False) -> str:
     if block is None:
         return "–"
     text = with_interval(block["mean"], block["ci_low"], block["ci_high"], signed=signed)
-    return f"{text} (p {p_text(block['p_value'])}, {block['verdict']})" if signed else text
+    if not signed:
+        return text
+    return f"{text} ± {block['resolvable']:.3f} (p {p_text(block['p_value'])}, {block['verdict']})"
 
 
 def table_rows(summary: dict) -> list[list[str]]:
     return [[f"{row['real_fraction']:g}", row["arm"], row["generator"] or "–", f"{row['n_real']}+{row['n_synthetic']}",
              _ci(row), _ci(row["delta_vs_real"], True), _ci(row["delta_vs_classical"], True),
-             f"{row['dice_lesion']:.3f}", f"{row['hd95']:.1f}", str(row["seeds"])] for row in summary["rows"]]
+             f"{row['dice_lesion']:.3f}", f"{row['hd95']:.1f}", f"{row['draws']}×{row['replicates'] // row['draws']}",
+             f"{row['seconds_per_run']:.0f}"] for row in summary["rows"]]
 
 
-HEADER = ["real fraction", "arm", "generator", "images (real+synthetic)", "Dice [95% interval]", "Δ vs real",
-          "Δ vs real+classical", "Dice (lesion images)", "HD95 px", "seeds"]
+HEADER = ["real fraction", "arm", "generator", "images (real+synthetic)", "Dice [95% interval]",
+          "Δ vs real ± resolvable", "Δ vs real+classical ± resolvable", "Dice (lesion images)", "HD95 px",
+          "draws×seeds", "s/run"]
+
+
+def plateau_text(summary: dict) -> list[str]:
+    return [f"Real-only at {row['real_fraction']:g}: validation Dice levelled at step {row['plateau_step']:.0f} of "
+            f"{row['steps']} (median of {row['runs']} runs; within {PLATEAU_TOLERANCE} of its best), last validation "
+            f"{row['last_minus_best']:+.3f} from the best." for row in summary.get("learning_curve", [])]
 
 
 def markdown(summary: dict) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
-    generators = ["", "| real fraction | generator | pairs generated | kept | label fidelity ratio | synthetic Dice |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-    generators += [f"| {g['real_fraction']:g} | {g['generator']} | {g['generated']} | {g['kept']} | "
+    generators = ["", "| draw | real fraction | generator | pairs generated | kept | label fidelity ratio | "
+                  "synthetic Dice |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    generators += [f"| d{g['draw']} | {g['real_fraction']:g} | {g['generator']} | {g['generated']} | {g['kept']} | "
                    f"{g['fidelity_ratio']:.2f} | {g['fidelity_synthetic_dice']:.3f} |" for g in summary["generators"]]
-    return "\n".join([f"Test Dice, mean over seeds [{INTERVALS}]. {summary['equal_steps']}.", "", *lines,
-                      *generators]) + "\n"
+    return "\n".join([f"Test Dice, mean over replicates [{INTERVALS}]. {summary['equal_steps']}.", "", *lines, "",
+                      *plateau_text(summary), *generators]) + "\n"
 
 
 # ---- report.html -------------------------------------------------------------------------------------------
@@ -172,9 +209,10 @@ def learning_curve_plot(results: list[dict]) -> str:
     for result in results:
         if result["arm"] == "real" and result["history"]["val_dice"]:
             history = result["history"]
-            steps_per_epoch = history["steps"] / max(1, history["epochs"])
-            axis.plot([epoch * steps_per_epoch for epoch in history["val_epochs"]], history["val_dice"], alpha=0.7,
-                      label=f"{subset_name(result['real_fraction'])} seed {result['seed']}")
+            line, = axis.plot(history["val_steps"], history["val_dice"], alpha=0.7,
+                              label=f"{subset_name(result['real_fraction'])} d{result.get('draw', 0)} "
+                                    f"seed {result['seed']}")
+            axis.axvline(history["plateau_step"], color=line.get_color(), alpha=0.3, linestyle=":")
     axis.set_xlabel("optimiser step")
     axis.set_ylabel("val Dice (real only)")
     axis.legend(fontsize=6)
@@ -185,8 +223,8 @@ def learning_curve_plot(results: list[dict]) -> str:
 def fidelity_plot(pairs: dict) -> str:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.2))
-    for (fraction, generator), record in pairs.items():
-        if record["dice"]:
+    for (draw, fraction, generator), record in pairs.items():
+        if record["dice"] and draw == 0:
             axis.hist(record["dice"], bins=20, range=(0, 1), alpha=0.5, label=f"{subset_name(fraction)} {generator}")
     axis.set_xlabel("Dice of the scorer on a synthetic image against its own mask")
     axis.set_ylabel("pairs")
@@ -225,16 +263,17 @@ def overlay_views(output_dir: Path, results: list[dict], fraction: float) -> str
     from medaug.report import outlined
     from medaug.segmentation.inputs import load_study_data
 
-    subset = output_dir / "subsets" / subset_name(fraction)
+    from medaug.lowdata.study import Arm
+
+    subset = output_dir / "subsets" / "d0" / subset_name(fraction)
     items = _overlay_items(load_study_data("seg", subset, check_images=False).test)
     blocks = []
     for result in results:
-        if result["real_fraction"] != fraction or result["seed"] != 0:
+        if result["real_fraction"] != fraction or result["seed"] != 0 or result.get("draw", 0) != 0:
             continue
         name = result["arm"] + (f" ({result['generator']})" if result["generator"] else "")
-        key = f"{subset_name(fraction)}_{result['arm'].replace('+', '-')}" + \
-            (f"_{result['generator']}" if result["generator"] else "")
-        predictions = np.load(output_dir / "runs" / f"{key}_s0" / "overlay_predictions.npz")["masks"]
+        key = Arm(result["arm"], result["generator"], fraction).key
+        predictions = np.load(output_dir / "runs" / f"d0_{key}_s0" / "overlay_predictions.npz")["masks"]
         views = [(f"{name}: {Path(item['file_name']).name}",
                   outlined(load_image(item["image"], 1), load_mask(item["mask"]) > 0, 128, prediction))
                  for item, prediction in zip(items, predictions)]
@@ -247,26 +286,27 @@ def render_html(output_dir: Path, summary: dict, results: list[dict], pairs: dic
 
     fractions = sorted({row["real_fraction"] for row in summary["rows"]})
     shown = min(fractions, key=lambda f: abs(f - 0.25)) if fractions else None
-    generator_table = _table([[f"{g['real_fraction']:g}", g["generator"], str(g["generated"]), str(g["kept"]),
+    generator_table = _table([[f"d{g['draw']}", f"{g['real_fraction']:g}", g["generator"], str(g["generated"]), str(g["kept"]),
                                f"{g['fidelity_ratio']:.2f}", f"{g['fidelity_synthetic_dice']:.3f}",
                                f"{g['fidelity_real_dice']:.3f}",
                                "–" if g["filter"] is None else f"{g['filter']['acceptance']:.0%} "
                                                                f"(Dice ≥ {g['filter']['threshold']:.2f})"]
                               for g in summary["generators"]],
-                             ["real fraction", "generator", "pairs", "kept", "fidelity ratio", "synthetic Dice",
+                             ["draw", "real fraction", "generator", "pairs", "kept", "fidelity ratio", "synthetic Dice",
                               "real test Dice", "filter acceptance"])
     pair_blocks = "".join(
         f"<h3>{html.escape(subset_name(f))} {html.escape(g)}</h3>"
-        f"{_thumbs(pair_views(output_dir / 'synthetic' / subset_name(f) / g, record['kept']))}"
-        for (f, g), record in pairs.items() if f == shown)
+        f"{_thumbs(pair_views(output_dir / 'synthetic' / 'd0' / subset_name(f) / g, record['kept']))}"
+        for (draw, f, g), record in pairs.items() if f == shown and draw == 0)
     body = [
         "<h1>medaug low-data segmentation study</h1>",
         (f"<p>Test Dice on the real test split, mean over seeds [{html.escape(INTERVALS)}]. "
          f"{html.escape(summary['equal_steps'])}. Each generator learned from its subset only.</p>"),
         _table(table_rows(summary), HEADER),
         f'<h2>Dice against real fraction</h2><img src="{dice_plot(summary)}" alt="Dice against real fraction">',
-        ("<h2>Has real-only finished learning?</h2><p>Validation Dice of the real-only arm over its training: a gain "
-         "counts only against a real-only arm that has stopped improving.</p>"),
+        ("<h2>Has real-only finished learning?</h2><p>Validation Dice of the real-only arm over its training (dotted: "
+         "where it levelled): a gain counts only against a real-only arm that has stopped improving. "
+         f"{html.escape(' '.join(plateau_text(summary)))}</p>"),
         f'<img src="{learning_curve_plot(results)}" alt="real-only learning curve">',
         "<h2>Generators: label fidelity and filter</h2>", generator_table,
         f'<img src="{fidelity_plot(pairs)}" alt="label fidelity distribution">',
