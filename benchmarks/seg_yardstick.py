@@ -8,7 +8,8 @@ issue's number, and Dice over every test image):
   channel with MONAI's DiceCELoss, constant Adam, last weights, no validation;
 - `engine`: `medaug.segmentation.train_seg.fit_segmenter` with its defaults (what every study arm uses);
 - `old`: the engine as it was before (pad, no augmentation, cosine schedule, best of 20 validations);
-- `old+X`: the old recipe with one change X of stretch / flips / constant / last, to see what each buys.
+- `old+X`: the old recipe with one change X of stretch / flips / constant / last, to see what each buys;
+- `engine+X`: the defaults with one change X (cosine, best_val, pad, no_flips, or a step count such as 750).
 
 It prints a table of mean, std and per-seed values with the wall time of each variant, the ratio of each mean to
 `plain`'s, and writes everything to --record (JSON). One job at a time on the machine: timings assume it is quiet.
@@ -33,7 +34,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OLD = {"fit": "pad", "augment": "none", "schedule": "cosine", "select": "best_val"}
 CHANGES = {"stretch": {"fit": "stretch"}, "flips": {"augment": "light"}, "constant": {"schedule": "constant"},
-           "last": {"select": "last"}}
+           "last": {"select": "last"}, "cosine": {"schedule": "cosine"}, "best_val": {"select": "best_val"},
+           "pad": {"fit": "pad"}, "no_flips": {"augment": "none"}}
 
 
 def parse_args(input_args=None):
@@ -91,9 +93,10 @@ def plain_loop(train: list[dict], test: list[dict], resolution: int, steps: int,
 def engine_run(variant: str, train, val, test, recipe, seed: int) -> dict:
     from medaug.segmentation.train_seg import fit_segmenter, score_segmenter
 
-    options = {"augment": "light"} if variant == "engine" else dict(OLD)
-    if variant.startswith("old+"):
-        options.update(CHANGES[variant[4:]])
+    base, *changes = variant.split("+")
+    options = {"augment": "light"} if base == "engine" else dict(OLD)
+    for change in changes:
+        options.update({"steps": int(change)} if change.isdigit() else CHANGES[change])
     augment = options.pop("augment")
     recipe = replace(recipe, **options)
     model, history = fit_segmenter(train, val, recipe, seed, augment)

@@ -53,6 +53,19 @@ def test_every_stage_runs_and_leaves_its_outputs(demo):
     assert np.isfinite(records["evaluate"]["result"]["metrics"]["frechet_distance"])
 
 
+def test_the_demo_segments_through_the_one_engine(demo):
+    from medaug.segmentation.arms import train_seg_arm
+    from medaug.segmentation.inputs import load_study_data
+    from medaug.segmentation.train_seg import SegRecipe
+
+    output_dir, _, _ = demo
+    shown = json.loads((output_dir / "segmentation" / "runs" / "real_f1_r0_s0" / "result.json").read_text())
+    data = load_study_data("seg", output_dir / "data")
+    direct = train_seg_arm("real", data.train, [], data.val, data.test,
+                           SegRecipe(steps=TINY.seg_steps, resolution=TINY.seg_resolution), seed=0)
+    assert shown["steps"] == TINY.seg_steps and direct["per_image"]["dice"] == shown["per_image"]["dice"]
+
+
 def test_report_links_every_stage_and_embeds_pairs(demo):
     output_dir, report, _ = demo
     text = report.read_text()

@@ -228,7 +228,8 @@ def fidelity_plot(pairs: dict) -> str:
             axis.hist(record["dice"], bins=20, range=(0, 1), alpha=0.5, label=f"{subset_name(fraction)} {generator}")
     axis.set_xlabel("Dice of the scorer on a synthetic image against its own mask")
     axis.set_ylabel("pairs")
-    axis.legend(fontsize=6)
+    if axis.get_legend_handles_labels()[0]:  # no generator: an empty plot, no legend
+        axis.legend(fontsize=6)
     figure.tight_layout()
     return _figure_uri(figure)
 
