@@ -18,6 +18,7 @@ import numpy as np
 
 from medaug.files import write_json_atomic
 from medaug.segmentation.metrics import CLASSIFICATION_METRICS, HIGHER_IS_BETTER, SEGMENTATION_METRICS
+from medaug.segmentation.train_seg import PLATEAU_TOLERANCE
 from medaug.report_numbers import p_text, with_interval
 from medaug.segmentation.stats import (BOUNDS, bootstrap_interval, difference_bounds, mean_ci, paired_test,
                                        score_tables, verdict)
@@ -45,6 +46,7 @@ def write_report(output_dir: str | Path, settings: dict, data, results: list[dic
                    "synthetic": len(data.synthetic)},
         "classes": list(data.classes),
         "groups": summarise_groups(results, task),
+        "learning_curve": plateau_rows(results) if task == "seg" else [],
         "runs": [{key: result.get(key) for key in RUN_FIELDS} for result in results],
         "notes": list(dict.fromkeys(notes)),
     }
@@ -120,6 +122,27 @@ def _number(value) -> float:
     return math.nan if value is None else float(value)
 
 
+def plateau_rows(results: list[dict]) -> list[dict]:
+    """Per real fraction, where the real-only arm's validation Dice levelled (median over its runs) and how its
+    last validation compares with its best: has the yardstick finished learning?"""
+    rows = []
+    for fraction in sorted({r["real_fraction"] for r in results if r["arm"] == "real"}):
+        histories = [r["history"] for r in results
+                     if r["arm"] == "real" and r["real_fraction"] == fraction and r["history"].get("val_dice")]
+        if histories:
+            rows.append({"real_fraction": fraction, "steps": histories[0]["steps"], "runs": len(histories),
+                         "plateau_step": float(np.median([h["plateau_step"] for h in histories])),
+                         "last_minus_best": float(np.mean([h["val_dice"][-1] - max(h["val_dice"])
+                                                           for h in histories]))})
+    return rows
+
+
+def plateau_text(summary: dict) -> list[str]:
+    return [f"Real-only at {row['real_fraction']:g}: validation Dice levelled at step {row['plateau_step']:.0f} of "
+            f"{row['steps']} (median of {row['runs']} runs; within {PLATEAU_TOLERANCE} of its best), last validation "
+            f"{row['last_minus_best']:+.3f} from the best." for row in summary.get("learning_curve", [])]
+
+
 def settings_sentence(summary: dict) -> str:
     """How the runs were trained, in one paragraph (results.md and report.html)."""
     settings, images = summary["settings"], summary["images"]
@@ -149,6 +172,7 @@ def markdown_report(summary: dict) -> str:
     ]
     for cells in table_rows(summary):
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *plateau_text(summary)] if summary.get("learning_curve") else []
     if summary["notes"]:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in summary["notes"]]
     if summary["plots"]:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medaug.segmentation.report import (INTERVAL_TEXT, PRIMARY_PAIRED, paired_text, settings_sentence, table_header,
-                                        table_rows)
+from medaug.segmentation.report import (INTERVAL_TEXT, PRIMARY_PAIRED, paired_text, plateau_text, settings_sentence,
+                                        table_header, table_rows)
 
 THUMBNAIL = 128
 GRADCAM_SHOWN = 4
@@ -106,7 +106,7 @@ def render_html(output_dir: Path, summary: dict, data) -> str:
     notes = "".join(f"<li>{html.escape(note)}</li>" for note in summary["notes"])
     body = [
         f"<h1>medaug bench {html.escape(summary['task'])}: results</h1>",
-        f"<p>{html.escape(settings_sentence(summary))}</p>",
+        f"<p>{html.escape(settings_sentence(summary))} {html.escape(' '.join(plateau_text(summary)))}</p>",
         f"<p class='note'>{html.escape(INTERVAL_TEXT)} {html.escape(paired_text(PRIMARY_PAIRED[summary['task']]))}"
         "</p>",
         _table(table_header(summary), table_rows(summary)),

@@ -96,6 +96,8 @@ def test_a_tiny_study_writes_every_output_then_resumes_only_unfinished_runs(phan
         real["metrics"]["dice"]["ci_high"] <= 1.0
     assert mixed["paired_vs_real"]["dice"]["verdict"] in ("better", "worse", "no clear difference")
     assert " ± " not in table and "percentile bootstrap" in table
+    assert "Real-only at 1: validation Dice levelled at step" in table
+    assert 1 <= written["learning_curve"][0]["plateau_step"] <= 6
     check_report_html(output, tmp_path)
 
     # as if killed during the second run: its result was never written

@@ -20,7 +20,7 @@ import numpy as np
 
 from medaug.files import write_json_atomic, write_text_atomic
 from medaug.lowdata.subsets import subset_name
-from medaug.segmentation.train_seg import PLATEAU_TOLERANCE
+from medaug.segmentation.report import plateau_rows, plateau_text
 from medaug.report_numbers import p_text, with_interval
 from medaug.segmentation.stats import (BOUNDS, bootstrap_interval, difference_bounds, paired_test, replicate,
                                        resolvable_difference, score_tables, verdict)
@@ -102,21 +102,6 @@ def write_outputs(output_dir: Path, settings, results: list[dict], pairs: dict, 
     return summary
 
 
-def plateau_rows(results: list[dict]) -> list[dict]:
-    """Per real fraction, where the real-only arm's validation Dice levelled (median over its runs) and how its
-    last validation compares with its best: has the yardstick finished learning?"""
-    rows = []
-    for fraction in sorted({r["real_fraction"] for r in results if r["arm"] == "real"}):
-        histories = [r["history"] for r in results
-                     if r["arm"] == "real" and r["real_fraction"] == fraction and r["history"].get("val_dice")]
-        if histories:
-            rows.append({"real_fraction": fraction, "steps": histories[0]["steps"], "runs": len(histories),
-                         "plateau_step": float(np.median([h["plateau_step"] for h in histories])),
-                         "last_minus_best": float(np.mean([h["val_dice"][-1] - max(h["val_dice"])
-                                                           for h in histories]))})
-    return rows
-
-
 def _ci(block: dict | None, signed: bool = False) -> str:
     if block is None:
         return "–"
@@ -136,12 +121,6 @@ def table_rows(summary: dict) -> list[list[str]]:
 HEADER = ["real fraction", "arm", "generator", "images (real+synthetic)", "Dice [95% interval]",
           "Δ vs real ± resolvable", "Δ vs real+classical ± resolvable", "Dice (lesion images)", "HD95 px",
           "draws×seeds", "s/run"]
-
-
-def plateau_text(summary: dict) -> list[str]:
-    return [f"Real-only at {row['real_fraction']:g}: validation Dice levelled at step {row['plateau_step']:.0f} of "
-            f"{row['steps']} (median of {row['runs']} runs; within {PLATEAU_TOLERANCE} of its best), last validation "
-            f"{row['last_minus_best']:+.3f} from the best." for row in summary.get("learning_curve", [])]
 
 
 def markdown(summary: dict) -> str:
