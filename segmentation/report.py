@@ -21,7 +21,7 @@ from medaug.segmentation.metrics import CLASSIFICATION_METRICS, HIGHER_IS_BETTER
 from medaug.segmentation.train_seg import PLATEAU_TOLERANCE
 from medaug.report_numbers import p_text, with_interval
 from medaug.segmentation.stats import (BOUNDS, bootstrap_interval, difference_bounds, mean_ci, paired_test,
-                                       score_tables, verdict)
+                                       resolvable_difference, score_tables, verdict)
 
 METRICS = {"seg": SEGMENTATION_METRICS + ("dice_lesion",), "cls": CLASSIFICATION_METRICS}
 PAIRED = {"seg": ("dice", "iou", "hd95"), "cls": ("prob_true", "correct")}
@@ -105,7 +105,7 @@ def _paired(runs: list[dict], baseline: list[dict], metric: str) -> dict:
     difference = (np.asarray(arm_table, float) - np.asarray(base_table, float)).tolist()
     interval = bootstrap_interval(difference, difference_bounds(BOUNDS.get(metric)))
     del interval["mean"]  # the point estimate is the test's mean_difference
-    return {**result, **interval, "seeds": seeds,
+    return {**result, **interval, "seeds": seeds, "resolvable": resolvable_difference(interval),
             "verdict": verdict(interval, result["p_value"], HIGHER_IS_BETTER.get(metric, True))}
 
 
@@ -168,7 +168,7 @@ def markdown_report(summary: dict) -> str:
         INTERVAL_TEXT + " " + paired_text(primary),
         "",
         "| " + " | ".join(table_header(summary)) + " |",
-        "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in metrics) + " | ---: | ---: | --- |",
+        "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in metrics) + " | ---: | ---: | ---: | --- |",
     ]
     for cells in table_rows(summary):
         lines.append("| " + " | ".join(cells) + " |")
@@ -195,7 +195,7 @@ def paired_text(primary: str) -> str:
 def table_header(summary: dict) -> list[str]:
     primary = PRIMARY_PAIRED[summary["task"]]
     return (["Arm", "Real fraction", "Synthetic ratio", "Train images (real + synthetic)", "Seeds"]
-            + [LABELS[m] for m in summary["metrics"]] + [f"Δ {LABELS[primary]} vs real", "p", "verdict"])
+            + [LABELS[m] for m in summary["metrics"]] + [f"Δ {LABELS[primary]} vs real", "resolvable Δ", "p", "verdict"])
 
 
 def table_rows(summary: dict) -> list[list[str]]:
@@ -208,8 +208,8 @@ def table_rows(summary: dict) -> list[list[str]]:
                  f"{group['ratio']:g}" if group["ratio"] else "–",
                  f"{group['n_train_real']} + {group['n_train_synthetic']}", str(len(group["seeds"]))]
         cells += [interval_text(group["metrics"][m]) for m in summary["metrics"]]
-        cells += [difference_text(paired), p_text(paired["p_value"]), paired["verdict"]] if paired else \
-            ["–", "–", "–"]
+        cells += [difference_text(paired), f"{paired['resolvable']:.3f}", p_text(paired["p_value"]),
+                  paired["verdict"]] if paired else ["–", "–", "–", "–"]
         rows.append(cells)
     return rows
 
