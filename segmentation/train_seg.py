@@ -26,6 +26,9 @@ from medaug.segmentation.networks import build_network, check_resolution
 
 SCHEDULES = ("constant", "cosine")
 SELECTIONS = ("last", "best_val")
+# DiceCE on the two softmax channels; `lesion_dice_ce` leaves the background channel out of the Dice term, where a
+# near-perfect background Dice would halve the lesion's share of the gradient.
+LOSSES = {"dice_ce": True, "lesion_dice_ce": False}  # name: include_background
 PLATEAU_TOLERANCE = 0.01  # validation Dice within this of the run's best counts as the plateau
 
 
@@ -42,6 +45,7 @@ class SegRecipe:
     learning_rate: float = 1e-3
     schedule: str = "constant"
     select: str = "last"
+    loss: str = "dice_ce"
     validations: int = 20
 
     def check(self) -> None:
@@ -52,6 +56,7 @@ class SegRecipe:
         problems = {"--seg_steps": self.steps < 1, "--batch_size": self.batch_size < 1,
                     "--learning_rate": not self.learning_rate > 0, "--fit": self.fit not in FIT_MODES,
                     "--schedule": self.schedule not in SCHEDULES, "--select": self.select not in SELECTIONS,
+                    "--loss": self.loss not in LOSSES,
                     "--channels": self.channels not in (1, 3)}
         for flag, bad in problems.items():
             if bad:
@@ -104,7 +109,7 @@ def fit_segmenter(train_items: list[dict], val_items: list[dict], recipe: SegRec
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
                 if recipe.schedule == "cosine" else None)
-    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True, include_background=LOSSES[recipe.loss])
     every = max(1, math.ceil(steps / max(1, recipe.validations)))
     history = {"steps": steps, "val_steps": [], "val_dice": [], "train_loss": []}
     best_state, best_step, best_dice, losses = None, steps, -math.inf, []
