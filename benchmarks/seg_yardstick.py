@@ -13,7 +13,8 @@ issue's number, and Dice over every test image):
   as 750); changes combine (`engine+cosine+lesion_dice`).
 
 It prints a table of mean, std and per-seed values with the wall time of each variant, the ratio of each mean to
-`plain`'s, and writes everything to --record (JSON). One job at a time on the machine: timings assume it is quiet.
+`plain`'s, and writes everything to --record (JSON) after every variant; run again with the same --record, it keeps
+the variants recorded there and trains only the others. Timings assume a quiet machine: say when it was not.
 
     python benchmarks/seg_yardstick.py --resolution 64 --seeds 3 --record benchmarks/measured/seg_yardstick_64.json
     python benchmarks/seg_yardstick.py --variants plain,engine --resolution 128 --seeds 3
@@ -136,8 +137,9 @@ def main(args) -> dict:
     data = subset_items(args)
     recipe = SegRecipe(steps=args.steps, resolution=args.resolution, batch_size=args.batch_size)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    rows = {}
-    for variant in variants:
+    path = args.record or args.output_dir / "record.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else {}
+    for variant in [v for v in variants if v not in rows]:
         started, runs = time.perf_counter(), []
         for seed in range(args.seeds):
             if variant == "plain":
@@ -155,6 +157,7 @@ def main(args) -> dict:
                          "dice_all": [run["dice"] for run in runs],
                          "seconds_per_run": (time.perf_counter() - started) / len(runs),
                          "history": [run.get("history") for run in runs]}
+        write_record(path, args, data, recipe, rows)
     reference = rows.get("plain", {}).get("mean")
     print(f"\nBUSI {args.fraction:g} (subset seed {args.subset_seed}, {len(data.train)} train / {len(data.val)} val / "
           f"{len(data.test)} test), {args.resolution} px, {args.steps} steps, batch {args.batch_size}")
@@ -163,6 +166,12 @@ def main(args) -> dict:
         ratio = f"{row['mean'] / reference:.3f}" if reference else "-"
         print(f"{variant:<14} {row['mean']:>11.3f} {row['std']:>6.3f} {ratio:>8} {row['seconds_per_run']:>7.0f}  "
               + ", ".join(f"{v:.3f}" for v in row["dice_lesion"]))
+    return write_record(path, args, data, recipe, rows)
+
+
+def write_record(path: Path, args, data, recipe, rows: dict) -> dict:
+    import torch
+
     record = {"benchmark": "seg yardstick", "date": date.today().isoformat(),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                          f"{torch.get_num_threads()} torch threads",
@@ -171,10 +180,9 @@ def main(args) -> dict:
                   if v not in (None, False) and k not in ("data", "output_dir", "record")),
               "images": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
               "recipe": recipe.settings(), "rows": rows}
-    path = args.record or args.output_dir / "record.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
-    print(f"written {path}")
+    print(f"written {path}", flush=True)
     return record
 
 

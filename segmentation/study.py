@@ -26,6 +26,7 @@ from medaug.files import write_json_atomic
 from medaug.segmentation.arms import ARMS, SYNTHETIC_ARMS, arm_spec
 from medaug.segmentation.inputs import StudyData, StudyError, load_study_data
 from medaug.segmentation.networks import DEFAULT_NETWORK, check_resolution, network_spec
+from medaug.segmentation.train_seg import SegRecipe
 from medaug.speed import choose_threads
 
 RATIO_ARMS = tuple(arm for arm in SYNTHETIC_ARMS if ARMS[arm].real)
@@ -37,7 +38,6 @@ OVERLAY_FILE = "overlay_predictions.npz"
 # Settings that change what a finished run means; a resumed study must keep them.
 FIXED_SETTINGS = ("task", "data", "synthetic", "images", "network", "resolution", "channels", "fit", "steps",
                   "batch_size", "learning_rate", "schedule", "select", "label_column")
-DEFAULT_STEPS = 1500
 
 
 @dataclass(frozen=True)
@@ -135,12 +135,12 @@ def run_study(
     network: str | None = None,
     resolution: int = 128,
     channels: int = 1,
-    fit: str = "stretch",
-    steps: int = DEFAULT_STEPS,
-    batch_size: int = 16,
+    fit: str = SegRecipe.fit,
+    steps: int = SegRecipe.steps,
+    batch_size: int = SegRecipe.batch_size,
     learning_rate: float | None = None,
-    schedule: str = "constant",
-    select: str = "last",
+    schedule: str = SegRecipe.schedule,
+    select: str = SegRecipe.select,
     seeds: int = 3,
     synthetic_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     real_fractions: Sequence[float] = (1.0,),
@@ -160,7 +160,7 @@ def run_study(
     network = network or DEFAULT_NETWORK.get(task, "")
     arms = list(arms) if arms else default_arms(bool(synthetic_dirs))
     check_plan(task, arms, real_fractions, synthetic_ratios, seeds, steps, bool(synthetic_dirs))
-    _check_settings(task, network, resolution, channels, fit, batch_size, schedule, select)
+    _check_settings(task, network, resolution, channels, fit, batch_size)
     try:
         torch_device = resolve_device(device)
     except ValueError as error:
@@ -181,6 +181,11 @@ def run_study(
         "images": {"train": len(data.train), "val": len(data.val), "test": len(data.test),
                    "synthetic": len(data.synthetic)},
     }
+    if task == "seg":
+        try:
+            recipe_from_settings(settings).check()
+        except ValueError as error:
+            raise StudyError(str(error)) from error
     output_dir = Path(output_dir)
     runs = plan_runs(arms, real_fractions, synthetic_ratios, seeds)
     _open_output(output_dir, settings, runs)
@@ -202,19 +207,12 @@ def run_study(
     return write_report(output_dir, settings, data, results, notes)
 
 
-def _check_settings(task: str, network: str, resolution: int, channels: int, fit: str, batch_size: int,
-                    schedule: str, select: str) -> None:
-    from medaug.segmentation.train_seg import SCHEDULES, SELECTIONS
-
+def _check_settings(task: str, network: str, resolution: int, channels: int, fit: str, batch_size: int) -> None:
     try:
         network_spec(task, network)
         check_resolution(task, network, resolution)
     except ValueError as error:
         raise StudyError(str(error)) from error
-    if schedule not in SCHEDULES:
-        raise StudyError(f"--schedule: one of {', '.join(SCHEDULES)}, got '{schedule}'")
-    if select not in SELECTIONS:
-        raise StudyError(f"--select: one of {', '.join(SELECTIONS)}, got '{select}'")
     if channels not in (1, 3):
         raise StudyError(f"--channels: 1 or 3, got {channels}")
     if fit not in FIT_MODES:
@@ -290,8 +288,6 @@ def save_overlay_predictions(model, items: list[dict], path: Path, resolution: i
 
 def recipe_from_settings(settings: dict):
     """The segmentation recipe every arm of this study trains with."""
-    from medaug.segmentation.train_seg import SegRecipe
-
     return SegRecipe(**{key: settings[key] for key in ("steps", "resolution", "network", "channels", "fit",
                                                         "batch_size", "learning_rate", "schedule", "select")})
 

@@ -102,3 +102,14 @@ def test_fit_segmenter_takes_exactly_its_steps_and_keeps_the_last_weights_unless
     best_model, best = fit_segmenter(data.train, data.val, replace(recipe, select="best_val"), seed=0)
     assert best["val_dice"] == history["val_dice"] and best["selected_step"] == best["best_step"]
     assert best["best_val_dice"] == max(best["val_dice"])
+
+
+def test_bench_flags_default_to_the_engine_recipe():
+    import inspect
+
+    from medaug.commands.bench import bench_command
+    from medaug.segmentation.train_seg import SegRecipe
+
+    parameters = inspect.signature(bench_command).parameters
+    for name in ("steps", "fit", "select", "batch_size", "resolution"):
+        assert parameters[name].default == getattr(SegRecipe(), name), name
