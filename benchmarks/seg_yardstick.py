@@ -9,7 +9,7 @@ issue's number, and Dice over every test image):
 - `engine`: `medaug.segmentation.train_seg.fit_segmenter` with its defaults (what every study arm uses);
 - `old`: the engine as it was before (pad, no augmentation, cosine schedule, best of 20 validations);
 - `old+X`: the old recipe with one change X of stretch / flips / constant / last, to see what each buys;
-- `engine+X`: the defaults with one change X (cosine, best_val, pad, no_flips, lesion_dice, or a step count such
+- `engine+X`: the defaults with one change X (cosine, best_val, pad, no_flips, lesion_dice, ema, or a step count such
   as 750); changes combine (`engine+cosine+lesion_dice`).
 
 It prints a table of mean, std and per-seed values with the wall time of each variant, the ratio of each mean to
@@ -37,7 +37,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 OLD = {"fit": "pad", "augment": "none", "schedule": "cosine", "select": "best_val"}
 CHANGES = {"stretch": {"fit": "stretch"}, "flips": {"augment": "light"}, "constant": {"schedule": "constant"},
            "last": {"select": "last"}, "cosine": {"schedule": "cosine"}, "best_val": {"select": "best_val"},
-           "pad": {"fit": "pad"}, "no_flips": {"augment": "none"}, "lesion_dice": {"loss": "lesion_dice_ce"}}
+           "pad": {"fit": "pad"}, "no_flips": {"augment": "none"}, "lesion_dice": {"loss": "lesion_dice_ce"},
+           "ema": {"ema": 0.99}}
 
 
 def parse_args(input_args=None):

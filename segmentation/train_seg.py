@@ -46,6 +46,7 @@ class SegRecipe:
     schedule: str = "constant"
     select: str = "last"
     loss: str = "dice_ce"
+    ema: float = 0.0  # above 0: validate and test an exponential moving average of the weights with this decay
     validations: int = 20
 
     def check(self) -> None:
@@ -56,7 +57,7 @@ class SegRecipe:
         problems = {"--seg_steps": self.steps < 1, "--batch_size": self.batch_size < 1,
                     "--learning_rate": not self.learning_rate > 0, "--fit": self.fit not in FIT_MODES,
                     "--schedule": self.schedule not in SCHEDULES, "--select": self.select not in SELECTIONS,
-                    "--loss": self.loss not in LOSSES,
+                    "--loss": self.loss not in LOSSES, "--ema": not 0.0 <= self.ema < 1.0,
                     "--channels": self.channels not in (1, 3)}
         for flag, bad in problems.items():
             if bad:
@@ -106,6 +107,9 @@ def fit_segmenter(train_items: list[dict], val_items: list[dict], recipe: SegRec
     model = build_network("seg", recipe.network, recipe.channels, 2).to(device)
     if initial_state is not None:
         model.load_state_dict(initial_state)
+    averaged = (torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(recipe.ema)) if recipe.ema else None)
+    scored = model if averaged is None else averaged.module  # what is validated and tested
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
                 if recipe.schedule == "cosine" else None)
@@ -116,6 +120,8 @@ def fit_segmenter(train_items: list[dict], val_items: list[dict], recipe: SegRec
     model.train()
     for step in range(1, steps + 1):
         losses.append(_train_step(model, next(batches), optimizer, loss_function, device))
+        if averaged is not None:
+            averaged.update_parameters(model)
         if schedule is not None:
             schedule.step()
         if on_step is not None:
@@ -125,20 +131,20 @@ def fit_segmenter(train_items: list[dict], val_items: list[dict], recipe: SegRec
         history["train_loss"].append(sum(losses) / len(losses))
         losses = []
         if val_batches:
-            dice = nanmean(predict_and_score(model, val_batches, device)["dice"])
+            dice = nanmean(predict_and_score(scored, val_batches, device)["dice"])
             model.train()
             history["val_steps"].append(step)
             history["val_dice"].append(dice)
             if dice > best_dice and recipe.select == "best_val":
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = copy.deepcopy(scored.state_dict())
             if dice > best_dice:
                 best_step, best_dice = step, dice
     if best_state is not None:
-        model.load_state_dict(best_state)
+        scored.load_state_dict(best_state)
     history.update(best_step=best_step, best_val_dice=best_dice if val_batches else math.nan,
                    plateau_step=plateau_step(history["val_steps"], history["val_dice"]),
                    selected_step=best_step if best_state is not None else steps)
-    return model.eval(), history
+    return scored.eval(), history
 
 
 def plateau_step(val_steps: list[int], val_dice: list[float], tolerance: float = PLATEAU_TOLERANCE) -> int | None:

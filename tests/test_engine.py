@@ -113,3 +113,17 @@ def test_bench_flags_default_to_the_engine_recipe():
     parameters = inspect.signature(bench_command).parameters
     for name in ("steps", "fit", "select", "batch_size", "resolution"):
         assert parameters[name].default == getattr(SegRecipe(), name), name
+
+
+def test_with_ema_the_tested_weights_are_the_moving_average(phantom_dir):
+    from medaug.segmentation.train_seg import SegRecipe, fit_segmenter
+
+    data = load_study_data("seg", phantom_dir)
+    recipe = SegRecipe(steps=5, resolution=32, batch_size=4, validations=1)
+    last, _ = fit_segmenter(data.train, [], recipe, seed=0)
+    averaged, _ = fit_segmenter(data.train, [], replace(recipe, ema=0.5), seed=0)
+    first = next(iter(last.state_dict()))
+    # the same training trajectory, but the average lags behind the last weights
+    assert not torch.equal(last.state_dict()[first], averaged.state_dict()[first])
+    with pytest.raises(ValueError, match="--ema"):
+        SegRecipe(ema=1.0).check()
