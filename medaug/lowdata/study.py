@@ -229,7 +229,7 @@ def run_arm(arm: Arm, seed: int, data, synthetic: list[dict], settings: LowDataS
 
     outcome = train_seg_arm(arm.name, data.train, extra, data.val, data.test, recipe, seed, on_model=save_predictions)
     result = {"arm": arm.name, "generator": arm.generator, "real_fraction": arm.fraction, "draw": draw, "seed": seed,
-              "n_real": 0 if arm.name == "synthetic" else len(data.train), "n_synthetic": len(extra),
+              "n_real": len(data.train) if ARMS[arm.name].real else 0, "n_synthetic": len(extra),
               "steps": recipe.steps, "seconds": outcome["seconds"], "per_image": outcome["per_image"],
               "metrics": outcome["metrics"], "history": outcome["history"]}
     write_json_atomic(result_path, result)
