@@ -150,7 +150,8 @@ def settings_sentence(summary: dict) -> str:
         settings["select"]] if summary["task"] == "seg" else "the weights with the lowest validation loss are tested"
     return (f"Real data {settings['data']}: {images['train']} train, {images['val']} val, {images['test']} test "
             f"images; {images['synthetic']} synthetic images from {len(settings['synthetic'])} folder(s). Network "
-            f"{settings['network']} at {settings['resolution']} px ({settings['fit']}), batch {settings['batch_size']}, "
+            f"{settings['network']} at {settings['resolution']} px ({settings['fit']}), "
+            f"batch {settings['batch_size']}, "
             f"learning rate {settings['learning_rate']:g}; every arm takes the same {settings['steps']} optimiser "
             f"steps whatever its number of images, every arm has left-right flips, and {tested}.")
 
@@ -195,7 +196,8 @@ def paired_text(primary: str) -> str:
 def table_header(summary: dict) -> list[str]:
     primary = PRIMARY_PAIRED[summary["task"]]
     return (["Arm", "Real fraction", "Synthetic ratio", "Train images (real + synthetic)", "Seeds"]
-            + [LABELS[m] for m in summary["metrics"]] + [f"Δ {LABELS[primary]} vs real", "resolvable Δ", "p", "verdict"])
+            + [LABELS[m] for m in summary["metrics"]]
+            + [f"Δ {LABELS[primary]} vs real", "resolvable Δ", "p", "verdict"])
 
 
 def table_rows(summary: dict) -> list[list[str]]:

@@ -144,7 +144,8 @@ def test_phantom_then_init_model_with_its_prompts(tmp_path):
 
 STUDY_SEG_FLAGS = ["--data", "--output_dir", "--real_fractions", "--seeds", "--subset_draws", "--generators", "--arms",
                    "--synthetic_ratio", "--mask_augment", "--filter", "--unlabelled_images", "--seg_steps",
-                   "--seg_resolution", "--diffusion_steps", "--pix2pix_steps", "--autoencoder_steps", "--gan_steps", "--quick",
+                   "--seg_resolution", "--diffusion_steps", "--pix2pix_steps", "--autoencoder_steps", "--gan_steps",
+                   "--quick",
                    "--config"]
 
 

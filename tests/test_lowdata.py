@@ -136,8 +136,8 @@ def test_arms_train_equal_steps_and_the_summary_reads_as_documented(quick_study)
     on_disk = json.loads((output / "summary.json").read_text())
     real = next(row for row in on_disk["rows"] if row["arm"] == "real")
     mixed = next(row for row in on_disk["rows"] if row["arm"] == "real+synthetic" and row["generator"] == "pix2pix")
-    assert set(real) >= {"arm", "generator", "real_fraction", "mean", "ci_low", "ci_high", "replicates", "draws", "delta_vs_real",
-                         "delta_vs_classical"}
+    assert set(real) >= {"arm", "generator", "real_fraction", "mean", "ci_low", "ci_high", "replicates", "draws",
+                         "delta_vs_real", "delta_vs_classical"}
     assert mixed["delta_vs_real"]["mean"] == pytest.approx(mixed["mean"] - real["mean"])
     assert mixed["n_synthetic"] == mixed["n_real"]  # --synthetic_ratio 1
     assert math.isnan(mixed["delta_vs_real"]["resolvable"]) or mixed["delta_vs_real"]["resolvable"] > 0

@@ -81,7 +81,8 @@ def study_seg_command(
         quick, real_fractions=_floats(real_fractions, "--real_fractions"), seeds=seeds, subset_draws=subset_draws,
         generators=_names(generators), arms=_names(arms), synthetic_ratio=synthetic_ratio, mask_augment=mask_augment,
         filter=filter_rule, unlabelled_images=unlabelled_images, seg_steps=seg_steps, seg_resolution=seg_resolution,
-        diffusion_steps=diffusion_steps, pix2pix_steps=pix2pix_steps, autoencoder_steps=autoencoder_steps, gan_steps=gan_steps)
+        diffusion_steps=diffusion_steps, pix2pix_steps=pix2pix_steps, autoencoder_steps=autoencoder_steps,
+        gan_steps=gan_steps)
     try:
         with output_lock(output_dir):
             summary = run_lowdata_study(data, output_dir, settings, on_stage=lambda text: console.rule(text))
@@ -89,7 +90,7 @@ def study_seg_command(
         fail(str(error))
     for row in summary["rows"]:
         delta = row["delta_vs_real"]
+        resolvable = f" (resolvable ±{delta['resolvable']:.3f})" if delta else ""
         console.print(f"{row['real_fraction']:g} {row['arm']:<26} {row['generator'] or '':<14} Dice "
-                      f"{row['mean']:.3f}" + (f"  Δ vs real {delta['mean']:+.3f} (resolvable ±{delta['resolvable']:.3f})"
-                                              if delta else ""))
+                      f"{row['mean']:.3f}" + (f"  Δ vs real {delta['mean']:+.3f}{resolvable}" if delta else ""))
     console.print(f"report: {output_dir / 'report.html'}")

@@ -266,7 +266,8 @@ def render_html(output_dir: Path, summary: dict, results: list[dict], pairs: dic
 
     fractions = sorted({row["real_fraction"] for row in summary["rows"]})
     shown = min(fractions, key=lambda f: abs(f - 0.25)) if fractions else None
-    generator_table = _table([[f"d{g['draw']}", f"{g['real_fraction']:g}", g["generator"], str(g["generated"]), str(g["kept"]),
+    generator_table = _table([[f"d{g['draw']}", f"{g['real_fraction']:g}", g["generator"], str(g["generated"]),
+                               str(g["kept"]),
                                f"{g['fidelity_ratio']:.2f}", f"{g['fidelity_synthetic_dice']:.3f}",
                                f"{g['fidelity_real_dice']:.3f}",
                                "–" if g["filter"] is None else f"{g['filter']['acceptance']:.0%} "
