@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from medaug.segmentation.train_seg import SegRecipe, fit_segmenter, train_segmentation
+
 
 @dataclass(frozen=True)
 class ArmSpec:
@@ -46,12 +48,10 @@ def arm_items(name: str, real: list[dict], synthetic: list[dict]) -> list[dict]:
     return (real if spec.real else []) + (synthetic if spec.synthetic and not spec.pretrain else [])
 
 
-def train_seg_arm(name: str, real: list[dict], synthetic: list[dict], val: list[dict], test: list[dict], recipe,
-                  seed: int, device="cpu", on_step: Callable[[int, float], None] | None = None,
+def train_seg_arm(name: str, real: list[dict], synthetic: list[dict], val: list[dict], test: list[dict],
+                  recipe: SegRecipe, seed: int, device="cpu", on_step: Callable[[int, float], None] | None = None,
                   on_model=None) -> dict:
     """Train segmentation arm `name` for `recipe.steps` optimiser steps in all and score it on `test`."""
-    from medaug.segmentation.train_seg import fit_segmenter, train_segmentation
-
     spec = arm_spec(name)
     initial, pretrain_history, steps = None, None, recipe.steps
     if spec.pretrain:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from monai.data import CacheDataset
 from monai.utils import set_determinism
@@ -47,6 +49,20 @@ def endless(loader):
     """Batches from `loader`, pass after pass (each pass reshuffled and re-augmented): training by steps."""
     while True:
         yield from loader
+
+
+def train_step(model, inputs, targets, optimizer, loss_function) -> float:
+    """One optimiser step on a batch; the loss as a number."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_function(model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    return float(loss.item())
+
+
+def validation_interval(steps: int, validations: int) -> int:
+    """Steps between validations so that about `validations` fall in `steps` (the last step always validates)."""
+    return max(1, math.ceil(steps / max(1, validations)))
 
 
 def evaluation_batches(items: list[dict], resolution: int, channels: int, fit: str, with_masks: bool,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from medaug.segmentation.common import (cached_dataset, endless, evaluation_batches, make_loader,
-                                       seed_everything)
+                                       seed_everything, train_step, validation_interval)
 from medaug.segmentation.metrics import classification_scores
 from medaug.segmentation.networks import build_network, check_resolution, network_spec
 
@@ -59,12 +59,14 @@ def train_classification(
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     loss_function = nn.CrossEntropyLoss()
-    every = max(1, math.ceil(steps / max(1, validations)))
+    every = validation_interval(steps, validations)
     history = {"val_steps": [], "train_loss": [], "val_loss": []}
     best_state, best_step, best_loss, losses = None, steps, math.inf, []
     model.train()
     for step in range(1, steps + 1):
-        losses.append(_train_step(model, next(batches), optimizer, loss_function, device))
+        batch = next(batches)
+        losses.append(train_step(model, batch["image"].to(device), batch["label"].long().to(device), optimizer,
+                                 loss_function))
         schedule.step()
         if on_step is not None:
             on_step(step, losses[-1])
@@ -95,15 +97,6 @@ def train_classification(
         "seconds": time.perf_counter() - started,
         **history,
     }
-
-
-def _train_step(model, batch: dict, optimizer, loss_function, device) -> float:
-    images, labels = batch["image"].to(device), batch["label"].long().to(device)
-    optimizer.zero_grad(set_to_none=True)
-    loss = loss_function(model(images), labels)
-    loss.backward()
-    optimizer.step()
-    return float(loss.item())
 
 
 @torch.no_grad()

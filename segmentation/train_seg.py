@@ -20,7 +20,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from medaug.segmentation.common import (cached_dataset, endless, evaluation_batches, make_loader,
-                                       seed_everything)
+                                       seed_everything, train_step, validation_interval)
 from medaug.segmentation.metrics import nanmean, segmentation_scores
 from medaug.segmentation.networks import build_network, check_resolution
 
@@ -114,12 +114,14 @@ def fit_segmenter(train_items: list[dict], val_items: list[dict], recipe: SegRec
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
                 if recipe.schedule == "cosine" else None)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True, include_background=LOSSES[recipe.loss])
-    every = max(1, math.ceil(steps / max(1, recipe.validations)))
+    every = validation_interval(steps, recipe.validations)
     history = {"steps": steps, "val_steps": [], "val_dice": [], "train_loss": []}
     best_state, best_step, best_dice, losses = None, steps, -math.inf, []
     model.train()
     for step in range(1, steps + 1):
-        losses.append(_train_step(model, next(batches), optimizer, loss_function, device))
+        batch = next(batches)
+        losses.append(train_step(model, batch["image"].to(device), batch["mask"].to(device), optimizer,
+                                 loss_function))
         if averaged is not None:
             averaged.update_parameters(model)
         if schedule is not None:
@@ -135,10 +137,10 @@ def fit_segmenter(train_items: list[dict], val_items: list[dict], recipe: SegRec
             model.train()
             history["val_steps"].append(step)
             history["val_dice"].append(dice)
-            if dice > best_dice and recipe.select == "best_val":
-                best_state = copy.deepcopy(scored.state_dict())
             if dice > best_dice:
                 best_step, best_dice = step, dice
+                if recipe.select == "best_val":
+                    best_state = copy.deepcopy(scored.state_dict())
     if best_state is not None:
         scored.load_state_dict(best_state)
     history.update(best_step=best_step, best_val_dice=best_dice if val_batches else math.nan,
@@ -153,15 +155,6 @@ def plateau_step(val_steps: list[int], val_dice: list[float], tolerance: float =
         return None
     best = max(val_dice)
     return next(step for step, dice in zip(val_steps, val_dice) if dice >= best - tolerance)
-
-
-def _train_step(model, batch: dict, optimizer, loss_function, device) -> float:
-    images, masks = batch["image"].to(device), batch["mask"].to(device)
-    optimizer.zero_grad(set_to_none=True)
-    loss = loss_function(model(images), masks)
-    loss.backward()
-    optimizer.step()
-    return float(loss.item())
 
 
 def score_segmenter(model, items: list[dict], recipe: SegRecipe, device) -> dict[str, list]:
