@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -32,11 +33,47 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return ValueError, OSError, SafetensorError
 
 
-def describe(error: BaseException) -> str:
-    """One line naming what failed: an OSError by its file, anything else by its own message."""
+def describe(error: BaseException, argv: list[str] | None = None) -> str:
+    """One line naming what failed: an OSError by its file, medaug's own errors by their message (which names the
+    flag, file or column), and an error raised inside numerical code (numpy, torch, ...) by its message, where it
+    was raised and the command's inputs, since such a message names none of them."""
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         return f"{error.filename}: {error.strerror}"
-    return str(error) or type(error).__name__
+    message = str(error) or type(error).__name__
+    library = foreign_origin(error)
+    if library is None:
+        return message
+    inputs = command_inputs(sys.argv[1:] if argv is None else argv)
+    return (f"{message} (raised inside {library} while working on {inputs or 'the command line above'}; "
+            "check those inputs, and report it if they are fine)")
+
+
+def foreign_origin(error: BaseException) -> str | None:
+    """The library (top-level package) whose code raised `error`, or None when medaug's own code raised it."""
+    import traceback
+    from importlib.util import find_spec
+
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return None
+    raised_in = Path(frames[-1].filename).resolve()
+    own = [Path(location).resolve() for name in ("medaug", "medaug.segmentation", "medaug.scripts")
+           if (spec := find_spec(name)) is not None for location in spec.submodule_search_locations or ()]
+    if any(raised_in.is_relative_to(root) for root in own) or raised_in.parent == Path(sys.argv[0]).resolve().parent:
+        return None
+    parts = raised_in.parts
+    return parts[parts.index("site-packages") + 1] if "site-packages" in parts else raised_in.name
+
+
+def command_inputs(argv: list[str]) -> str:
+    """The flags (and bare arguments) of a command line that name existing files or folders."""
+    named = []
+    for position, value in enumerate(argv):
+        if value.startswith("-") or not Path(value).exists():
+            continue
+        flag = argv[position - 1] if position and argv[position - 1].startswith("--") else ""
+        named.append(f"{flag} {value}".strip())
+    return ", ".join(named)
 
 
 @contextmanager

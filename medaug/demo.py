@@ -71,9 +71,11 @@ class Demo:
     data: Path | None
     settings: DemoSettings
 
+    carve: bool = False  # the data has no val split: the demo works on a copy with the carve in its metadata
+
     @property
     def dataset(self) -> Path:
-        return self.data if self.data is not None else self.output_dir / "data"
+        return self.data if self.data is not None and not self.carve else self.output_dir / "data"
 
     def path(self, name: str) -> Path:
         return self.output_dir / name
@@ -92,24 +94,35 @@ class Demo:
 
 
 def stage_data(demo: Demo) -> dict:
-    from medaug.data import DatasetFolder, make_phantom_dataset
+    from medaug.data import DatasetError, DatasetFolder, make_phantom_dataset
+    from medaug.data.subset import write_rows
+    from medaug.data.validation import ensure_validation
 
     if demo.data is None:
         shutil.rmtree(demo.dataset, ignore_errors=True)
         make_phantom_dataset(demo.dataset, num_images=demo.settings.phantom_images,
                              size=demo.settings.phantom_size, seed=demo.settings.seed)
-    folder = DatasetFolder(demo.dataset)
+    source = demo.data if demo.data is not None else demo.dataset
+    folder = DatasetFolder(source)
     result = folder.check()
     if result.problems:
-        raise DemoError(f"--data: {demo.dataset} has {len(result.problems)} problem(s), first: "
-                        f"{result.problems[0]}; run `medaug inspect {demo.dataset}` for all of them")
+        raise DemoError(f"--data: {source} has {len(result.problems)} problem(s), first: "
+                        f"{result.problems[0]}; run `medaug inspect {source}` for all of them")
     if not folder.has_column("mask_file_name"):
-        raise DemoError(f"--data: {demo.dataset} has no mask_file_name column; the demo generates images for "
+        raise DemoError(f"--data: {source} has no mask_file_name column; the demo generates images for "
                         "masks and trains a segmentation model on them")
-    splits = {split: len(folder.indices(split)) for split in ("train", "val", "test")}
+    splits = {split: sum(folder.split(i) == split for i in range(len(folder))) for split in ("train", "val", "test")}
     if not splits["train"] or not splits["test"]:
-        raise DemoError(f"--data: {demo.dataset} needs train and test rows, has {splits}")
-    return {"dataset": str(demo.dataset), "phantom": demo.data is None, "splits": splits}
+        raise DemoError(f"--data: {source} needs train and test rows, has {splits}")
+    try:
+        validation = ensure_validation(folder)
+    except DatasetError as error:
+        raise DemoError(f"--data: {error}") from error
+    if demo.carve:  # every stage, generators included, reads the copy: none trains on the carved val rows
+        shutil.rmtree(demo.dataset, ignore_errors=True)
+        write_rows(folder, demo.dataset, list(range(len(folder))))
+    splits = {split: len(folder.indices(split)) for split in ("train", "val", "test")}
+    return {"dataset": str(source), "phantom": demo.data is None, "splits": splits, "validation": validation.record()}
 
 
 def stage_base(demo: Demo) -> dict:
@@ -282,6 +295,16 @@ def open_demo_folder(output_dir: Path, data: Path | None, settings: DemoSettings
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def has_val_rows(data: Path) -> bool:
+    from medaug.data import DatasetError, DatasetFolder
+
+    try:
+        folder = DatasetFolder(data)
+    except DatasetError as error:
+        raise DemoError(f"--data: {error}") from error
+    return any(folder.split(i) == "val" for i in range(len(folder)))
+
+
 def run_demo(output_dir: str | Path, data: str | Path | None = None, settings: DemoSettings | None = None,
              overwrite: bool = False, on_stage: Callable[[int, int, str, bool], None] | None = None) -> Path:
     """Run every unfinished stage, then write `OUT/report.html`; return its path."""
@@ -296,7 +319,7 @@ def run_demo(output_dir: str | Path, data: str | Path | None = None, settings: D
     if data is not None and not is_dataset_folder(data):
         raise DemoError(f"--data: {data} is not a dataset folder (no metadata file, at its top or in split folders)")
     open_demo_folder(output_dir, data, settings, overwrite)
-    demo = Demo(output_dir, data, settings)
+    demo = Demo(output_dir, data, settings, carve=data is not None and not has_val_rows(data))
     records = {}
     for number, (name, (title, stage)) in enumerate(STAGES.items(), start=1):
         record_path = output_dir / STAGE_FOLDER / f"{name}.json"

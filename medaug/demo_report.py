@@ -190,14 +190,21 @@ def controlnet_section(output_dir: Path, result: dict) -> str:
     return "<h2>ControlNet on mask edges</h2>" + training_section(output_dir, "controlnet", result)
 
 
+def validation_note(data: dict) -> str:
+    """Where the val rows came from, when the demo carved them (demos recorded before the carve have no entry)."""
+    validation = data.get("validation") or {}
+    return f"; {html.escape(validation['text'])}" if validation.get("train_rows_before") else ""
+
+
 def write_demo_report(demo, records: dict) -> Path:
     output_dir = demo.output_dir
     data = records["data"]["result"]
     source = "a phantom dataset made by the demo" if data["phantom"] else html.escape(data["dataset"])
     sections = [
         f"<h1>medaug demo</h1><p>Data: {source} ({data['splits']['train']} train, {data['splits']['val']} val, "
-        f"{data['splits']['test']} test). Model: the <code>{html.escape(demo.settings.preset)}</code> preset "
-        f"from scratch at {demo.settings.resolution} px. Every number below is on this machine, this run.</p>",
+        f"{data['splits']['test']} test){validation_note(data)}. Model: the <code>{html.escape(demo.settings.preset)}"
+        f"</code> preset from scratch at {demo.settings.resolution} px. Every number below is on this machine, this "
+        "run.</p>",
         "<h2>Stages</h2>" + stage_table(output_dir, records),
         "<h2>Real and generated</h2>" + pairs_html(demo.dataset, output_dir / "synthetic"),
         "<h2>VAE</h2>" + vae_section(records["vae"]["result"]),

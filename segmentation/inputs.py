@@ -20,6 +20,7 @@ from pathlib import Path
 
 from medaug.data import DatasetError, DatasetFolder, read_manifest
 from medaug.data.manifest import file_sha256
+from medaug.data.validation import ValidationSplit, ensure_validation
 
 TASKS = ("seg", "cls")
 
@@ -36,6 +37,7 @@ class StudyData:
     synthetic: list[dict] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    validation: ValidationSplit | None = None  # the val split's origin: the dataset's own, or carved from train
 
 
 def load_study_data(task: str, real_dir: str | Path, synthetic_dirs: list[str | Path] = (),
@@ -45,8 +47,9 @@ def load_study_data(task: str, real_dir: str | Path, synthetic_dirs: list[str | 
     if task not in TASKS:
         raise StudyError(f"task must be one of {', '.join(TASKS)}, got '{task}'")
     real = _open_folder(real_dir, "--data", check_images)
-    notes: list[str] = []
-    splits = {split: _split_rows(real, split, "--data", required=split != "val") for split in ("train", "val", "test")}
+    validation = _validation(real, label_column)
+    notes: list[str] = [validation.describe()] if validation.carved else []
+    splits = {split: _split_rows(real, split, "--data", required=True) for split in ("train", "val", "test")}
     if task == "seg":
         splits = {split: _rows_with_masks(real, rows, split, notes) for split, rows in splits.items()}
     classes = _classes(real, splits, label_column) if task == "cls" else []
@@ -60,7 +63,7 @@ def load_study_data(task: str, real_dir: str | Path, synthetic_dirs: list[str | 
         _check_provenance(folder, allow_unknown_provenance, notes)
         synthetic += [_item(folder, i, "synthetic", label_column, classes) for i in rows]
     _refuse_overlap(items["test"], items["train"] + items["val"] + synthetic, real)
-    return StudyData(items["train"], items["val"], items["test"], synthetic, classes, notes)
+    return StudyData(items["train"], items["val"], items["test"], synthetic, classes, notes, validation)
 
 
 def synthetic_pool(directory: str | Path, real_dir: str | Path, allow_unknown_provenance: bool = False
@@ -84,6 +87,13 @@ def _open_folder(directory: str | Path, flag: str, check_images: bool) -> Datase
     except DatasetError as error:
         raise StudyError(f"{flag} {error}") from error
     return folder
+
+
+def _validation(folder: DatasetFolder, label_column: str) -> ValidationSplit:
+    try:
+        return ensure_validation(folder, label_column)
+    except DatasetError as error:
+        raise StudyError(f"--data {error}") from error
 
 
 def _split_rows(folder: DatasetFolder, split: str, flag: str, required: bool) -> list[int]:

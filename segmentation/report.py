@@ -45,6 +45,7 @@ def write_report(output_dir: str | Path, settings: dict, data, results: list[dic
         "images": {"train": len(data.train), "val": len(data.val), "test": len(data.test),
                    "synthetic": len(data.synthetic)},
         "classes": list(data.classes),
+        "validation": data.validation.record() if data.validation else None,
         "groups": summarise_groups(results, task),
         "learning_curve": plateau_rows(results) if task == "seg" else [],
         "runs": [{key: result.get(key) for key in RUN_FIELDS} for result in results],
@@ -153,7 +154,18 @@ def settings_sentence(summary: dict) -> str:
             f"{settings['network']} at {settings['resolution']} px ({settings['fit']}), "
             f"batch {settings['batch_size']}, "
             f"learning rate {settings['learning_rate']:g}; every arm takes the same {settings['steps']} optimiser "
-            f"steps whatever its number of images, every arm has left-right flips, and {tested}.")
+            f"steps whatever its number of images, every arm has left-right flips, and {tested}."
+            + validation_sentence(summary))
+
+
+def validation_sentence(summary: dict) -> str:
+    """What the validation rows decided, and where they came from (medaug.data.validation)."""
+    validation = summary.get("validation")
+    if not validation:
+        return ""
+    seg_last = summary["task"] == "seg" and summary["settings"]["select"] == "last"
+    uses = "the learning curve only" if seg_last else "the learning curve and which weights are tested"
+    return f" Validation rows ({uses}): {validation['origin']}."
 
 
 def markdown_report(summary: dict) -> str:

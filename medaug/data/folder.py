@@ -266,6 +266,14 @@ class DatasetFolder:
         """The row's split; a table without a `split` column is all training data."""
         return self.value(index, "split").lower() if self.has_column("split") else "train"
 
+    def assign_split(self, rows: list[int], split: str) -> None:
+        """Put `rows` in `split` in memory only (the validation carve); the folder's files are not touched."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split '{split}'; expected one of {SPLITS}")
+        if not self.has_column("split"):
+            self.table["split"] = "train"
+        self.table.loc[list(rows), "split"] = split
+
     def indices(self, split: str | None = None) -> list[int]:
         """Row indices of one split (or all rows), raising if that split has no rows."""
         if split is not None and split not in SPLITS:

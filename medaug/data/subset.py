@@ -41,6 +41,30 @@ def stratified_rows(folder: DatasetFolder, split: str, fraction: float, seed: in
     return sorted(chosen)
 
 
+def patient_groups(folder: DatasetFolder, rows: list[int], label_column: str = "label") -> dict[str, list[list[int]]]:
+    """Per label: the rows of `rows` grouped by patient (one group per row where there is no patient_id), in row
+    order. A patient is filed under the label of their first row."""
+    by_patient: dict[str, list[int]] = {}
+    for index in rows:
+        patient = folder.value(index, "patient_id") if folder.has_column("patient_id") else ""
+        by_patient.setdefault(patient or f"row-{index}", []).append(index)
+    by_label: dict[str, list[list[int]]] = {}
+    for members in by_patient.values():
+        label = folder.value(members[0], label_column) if folder.has_column(label_column) else ""
+        by_label.setdefault(label, []).append(members)
+    return by_label
+
+
+def patient_order(folder: DatasetFolder, rows: list[int], seed: int, label_column: str = "label"
+                  ) -> dict[str, list[list[int]]]:
+    """Per label (sorted): the patient groups of `rows` in one order drawn with `seed`. Taking the first k groups of
+    each label is a stratified draw that keeps patients whole; the low-data subsets and the validation carve both
+    draw this way."""
+    rng = np.random.default_rng(seed)
+    return {label: [groups[i] for i in rng.permutation(len(groups))]
+            for label, groups in sorted(patient_groups(folder, rows, label_column).items())}
+
+
 def write_subset(source: str | Path, target: str | Path, fraction: float, seed: int = 0, split: str = "train",
                  column: str = "label") -> Path:
     """Copy a dataset folder keeping a stratified `fraction` of its `split` rows and every other row."""

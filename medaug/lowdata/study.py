@@ -27,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from medaug.data.folder import is_dataset_folder
+from medaug.data.folder import DatasetError, DatasetFolder, is_dataset_folder
+from medaug.data.validation import ValidationSplit, ensure_validation
 from medaug.files import write_json_atomic
 from medaug.lowdata.filter import FilterRule, keep_pairs
 from medaug.lowdata.generators import GENERATORS, GeneratorSettings, generate_pairs, train_generator
@@ -169,7 +170,6 @@ def scorer_for(subset: Path, work: Path, settings: LowDataSettings):
 
 def mask_source(subset: Path, work: Path, wanted: int, settings: LowDataSettings) -> Path:
     """The folder whose training masks the generators draw for: the subset's own, or new shapes made from them."""
-    from medaug.data import DatasetFolder
     from medaug.data.mask_augment import write_mask_dataset
 
     if not settings.mask_augment:
@@ -287,6 +287,7 @@ def run_lowdata_study(data: str | Path, output_dir: str | Path, settings: LowDat
         raise LowDataStudyError(f"--data: {data} holds no metadata.csv, metadata.jsonl or split folders with one")
     open_study(output_dir, data, settings)
     say = on_stage or (lambda text: None)
+    validation = source_validation(data)
     unlabelled = data if settings.unlabelled_images == "all" else None
     pairs, results, subsets = {}, [], {}
     for draw in range(settings.subset_draws):
@@ -299,7 +300,15 @@ def run_lowdata_study(data: str | Path, output_dir: str | Path, settings: LowDat
             pairs.update(draw_pairs)
             results += draw_results
     say("report")
-    return write_outputs(output_dir, settings, results, pairs, subsets)
+    return write_outputs(output_dir, settings, results, pairs, subsets, validation)
+
+
+def source_validation(data: Path) -> ValidationSplit:
+    """Where the study's val rows come from (`write_nested_subsets` carves the same ones into every subset)."""
+    try:
+        return ensure_validation(DatasetFolder(data))
+    except DatasetError as error:
+        raise LowDataStudyError(f"--data {error}") from error
 
 
 def settings_from_flags(quick: bool, **flags) -> LowDataSettings:

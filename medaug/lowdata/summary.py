@@ -31,6 +31,8 @@ INTERVALS = ("95% percentile bootstrap interval over subset draws, seeds and tes
              "over replicates, say better or worse only where the interval excludes 0 and p < 0.05, and give the "
              "smallest difference the design resolves (± r: 80% power at 95% confidence, from the paired spread)")
 
+VALIDATION_USE = "the real-only learning curve, and each subset label-fidelity scorer's choice of weights"
+
 
 def _interval(runs: list[dict]) -> dict:
     return bootstrap_interval(score_tables(METRIC, runs)[0], BOUNDS[METRIC])
@@ -84,13 +86,14 @@ def _generator_rows(pairs: dict) -> list[dict]:
     return rows
 
 
-def write_outputs(output_dir: Path, settings, results: list[dict], pairs: dict, subsets: dict) -> dict:
+def write_outputs(output_dir: Path, settings, results: list[dict], pairs: dict, subsets: dict, validation) -> dict:
     from dataclasses import asdict
 
     recipe = settings.seg_recipe()
     summary = {"task": "seg", "metric": METRIC, "rows": summary_rows(results), "generators": _generator_rows(pairs),
                "settings": asdict(settings), "recipe": recipe.settings(),
                "learning_curve": plateau_rows(results),
+               "validation": {**validation.record(), "used_for": VALIDATION_USE},
                "subsets": {f"d{draw}/{subset_name(f)}": str(path) for (draw, f), path in subsets.items()},
                "equal_steps": f"Every arm trained for {recipe.steps} optimiser steps (batch {recipe.batch_size}, "
                               f"{recipe.resolution} px, {recipe.fit}, {recipe.schedule} Adam {recipe.learning_rate:g}, "
@@ -100,6 +103,11 @@ def write_outputs(output_dir: Path, settings, results: list[dict], pairs: dict, 
     write_text_atomic(output_dir / "results.md", markdown(summary))
     write_text_atomic(output_dir / "report.html", render_html(output_dir, summary, results, pairs))
     return summary
+
+
+def validation_sentence(summary: dict) -> str:
+    validation = summary["validation"]
+    return f"Validation rows ({validation['used_for']}): {validation['origin']}."
 
 
 def _ci(block: dict | None, signed: bool = False) -> str:
@@ -130,7 +138,8 @@ def markdown(summary: dict) -> str:
                   "synthetic Dice |", "| --- | --- | --- | --- | --- | --- | --- |"]
     generators += [f"| d{g['draw']} | {g['real_fraction']:g} | {g['generator']} | {g['generated']} | {g['kept']} | "
                    f"{g['fidelity_ratio']:.2f} | {g['fidelity_synthetic_dice']:.3f} |" for g in summary["generators"]]
-    return "\n".join([f"Test Dice, mean over replicates [{INTERVALS}]. {summary['equal_steps']}.", "", *lines, "",
+    return "\n".join([f"Test Dice, mean over replicates [{INTERVALS}]. {summary['equal_steps']}.", "",
+                      validation_sentence(summary), "", *lines, "",
                       *plateau_text(summary), *generators]) + "\n"
 
 
@@ -282,7 +291,8 @@ def render_html(output_dir: Path, summary: dict, results: list[dict], pairs: dic
     body = [
         "<h1>medaug low-data segmentation study</h1>",
         (f"<p>Test Dice on the real test split, mean over seeds [{html.escape(INTERVALS)}]. "
-         f"{html.escape(summary['equal_steps'])}. Each generator learned from its subset only.</p>"),
+         f"{html.escape(summary['equal_steps'])}. Each generator learned from its subset only. "
+         f"{html.escape(validation_sentence(summary))}</p>"),
         _table(table_rows(summary), HEADER),
         f'<h2>Dice against real fraction</h2><img src="{dice_plot(summary)}" alt="Dice against real fraction">',
         ("<h2>Has real-only finished learning?</h2><p>Validation Dice of the real-only arm over its training (dotted: "

@@ -40,6 +40,7 @@ class SegmenterInfo:
     trained_on: str = ""
     epochs: int = 0
     seed: int = 0
+    selected_on: str = ""  # the validation rows its weights were chosen on (medaug.data.validation)
     per_real_image: list = field(default_factory=list)
 
 
@@ -118,7 +119,8 @@ def train_fidelity_segmenter(real_dir: str | Path, resolution: int = 64, epochs:
     recipe = SegRecipe(steps=steps, resolution=resolution, network=network, channels=channels, fit=fit,
                        batch_size=batch_size, schedule="cosine", select="best_val")
     model, _ = fit_segmenter(data.train, data.val, recipe, seed, augment="none", device=device)
-    info = SegmenterInfo(network, resolution, channels, fit, math.nan, 0, str(Path(real_dir).resolve()), epochs, seed)
+    info = SegmenterInfo(network, resolution, channels, fit, math.nan, 0, str(Path(real_dir).resolve()), epochs, seed,
+                         selected_on=data.validation.origin())
     segmenter = FidelitySegmenter(model, info, device)
     scores = lesion_dice(segmenter, data.test)
     lesions = [score["dice"] for score in scores if score["lesion"]]
@@ -166,7 +168,9 @@ def label_fidelity(segmenter: FidelitySegmenter, synthetic_dir: str | Path, rows
         "segmenter": {key: value for key, value in asdict(segmenter.info).items() if key != "per_real_image"},
         "description": (f"Dice of a {segmenter.info.network} segmenter trained on the real train split, on each "
                         "synthetic image against its own mask, over its Dice on real test images (pairs whose mask "
-                        f"holds a lesion, at {segmenter.info.resolution} px)"),
+                        f"holds a lesion, at {segmenter.info.resolution} px)"
+                        + (f"; its weights selected on {segmenter.info.selected_on}" if segmenter.info.selected_on
+                           else "")),
         "per_pair": scores,
     }
 

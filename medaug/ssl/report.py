@@ -29,7 +29,7 @@ def seed_interval(values: list[float]) -> dict:
             "high": interval["ci_high"] if bounded else None, "n": len(finite), "values": values}
 
 
-def summarise(results: list[dict], counts: dict, classes: list[str], settings, notes: list[str]) -> dict:
+def summarise(results: list[dict], counts: dict, classes: list[str], settings, notes: list[str], validation) -> dict:
     """Rows per (method, policy, pool) with each score over seeds; each method's spread over policies."""
     from dataclasses import asdict
 
@@ -45,6 +45,7 @@ def summarise(results: list[dict], counts: dict, classes: list[str], settings, n
         "classes": classes, "class_counts": counts,
         "imbalance": max(train.values()) / max(1, min(train.values())),
         "rows": rows, "spread": _spread(rows), "notes": notes, "settings": asdict(settings),
+        "validation": validation.record(),
     })
 
 
@@ -147,6 +148,8 @@ def gradcam_grid(output_dir: Path, runs, data, count: int) -> str:
     from medaug.ssl.probe import Classifier, gradcam_maps
 
     images = data.images["test"][:count]
+    if not len(images):  # --gradcam_images 0
+        return ""
     first_seed = min(run.seed for run in runs)
     rows = []
     for run in (run for run in runs if run.seed == first_seed and run.pool == "real"):
@@ -186,7 +189,8 @@ def write_report(output_dir: Path, summary: dict, runs, data, settings) -> Path:
 same network with cross-entropy on the same labels, and the random row probes that network as initialised (the floor
 a pre-trained encoder has to beat). Test split of the real data; mean over seeds with a 95% percentile
 bootstrap interval over seeds (not test images), clipped to [0, 1].
-Label column '{html.escape(settings.label_column)}'.</p>
+Label column '{html.escape(settings.label_column)}'. Each probe's L2 penalty is selected on
+{html.escape(summary['validation']['origin'])}.</p>
 {"".join(f"<p class='note'><b>{html.escape(note)}</b></p>" for note in summary["notes"])}
 <h2>Classes</h2>{_counts_table(summary)}
 <p class="note">Imbalance in the training split: the largest class is {imbalance:.1f}x the smallest.</p>

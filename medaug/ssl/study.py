@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medaug.data import DatasetError, DatasetFolder
+from medaug.data.validation import ValidationSplit, ensure_validation
 from medaug.files import write_json_atomic
 from medaug.ssl.policies import Policy, clahe, parse_policies
 from medaug.ssl.pretrain import METHODS, PretrainSettings, initial_encoder, pretrain
@@ -77,6 +79,7 @@ class LabelledData:
     labels: dict[str, np.ndarray]
     classes: list[str]
     names: dict[str, list[str]]
+    validation: ValidationSplit  # the probe's val rows: the dataset's own split, or carved from train
 
 
 def plan_runs(settings: SslSettings) -> list[Run]:
@@ -105,10 +108,9 @@ def load_images(folder, rows: list[int], settings: SslSettings) -> torch.Tensor:
 def unlabelled_pool(data_dir: Path, settings: SslSettings, with_synthetic: bool) -> torch.Tensor:
     """The images pre-training sees: the real training split (and the synthetic folder's rows, checked for
     test-split sources and provenance as every study checks them). No label is read."""
-    from medaug.data import DatasetFolder
     from medaug.segmentation.inputs import synthetic_pool
 
-    real = DatasetFolder(data_dir)
+    real, _ = open_with_validation(data_dir, settings, log=False)
     pools = [load_images(real, real.indices("train"), settings)]
     if with_synthetic:
         synthetic, _ = synthetic_pool(settings.synthetic, data_dir, settings.allow_unknown_provenance)
@@ -125,11 +127,20 @@ def class_of(value: str, settings: SslSettings) -> str | None:
     return settings.positive_label if fnmatch.fnmatch(str(value), settings.positive_label) else "other"
 
 
+def open_with_validation(data_dir: Path, settings: SslSettings, log: bool = True
+                         ) -> tuple[DatasetFolder, ValidationSplit]:
+    """The real folder with a val split for the probe: its own, or the same carve from train for every stage
+    (`medaug.data.validation`), so carved rows are neither pre-trained on nor probed as training rows."""
+    folder = DatasetFolder(data_dir)
+    try:
+        return folder, ensure_validation(folder, settings.label_column, log)
+    except DatasetError as error:
+        raise SslStudyError(f"--data {error}") from error
+
+
 def labelled_data(data_dir: Path, settings: SslSettings) -> LabelledData:
     """The labelled rows of each split, read after pre-training."""
-    from medaug.data import DatasetFolder
-
-    folder = DatasetFolder(data_dir)
+    folder, validation = open_with_validation(data_dir, settings)
     if not folder.has_column(settings.label_column):
         raise SslStudyError(f"--label_column: {folder.metadata_path} has no column '{settings.label_column}'")
     named = {split: [(i, class_of(folder.value(i, settings.label_column), settings)) for i in range(len(folder))
@@ -142,11 +153,15 @@ def labelled_data(data_dir: Path, settings: SslSettings) -> LabelledData:
         if len({name for _, name in kept[split]}) < 2:
             raise SslStudyError(f"--label_column {settings.label_column}: split '{split}' has fewer than two "
                                 "classes among its labelled rows")
+    if not kept["val"]:
+        raise SslStudyError(f"--label_column {settings.label_column}: split 'val' has no row with a usable label; "
+                            "the probe's regularisation is chosen on it")
     return LabelledData(
         images={split: load_images(folder, [i for i, _ in rows], settings) for split, rows in kept.items()},
         labels={split: np.array([classes.index(name) for _, name in rows], dtype=np.int64)
                 for split, rows in kept.items()},
-        classes=classes, names={split: [folder.value(i, "file_name") for i, _ in rows] for split, rows in kept.items()})
+        classes=classes, names={split: [folder.value(i, "file_name") for i, _ in rows] for split, rows in kept.items()},
+        validation=validation)
 
 
 def class_counts(data: LabelledData) -> dict:
@@ -223,7 +238,8 @@ def run_ssl_study(data_dir: str | Path, output_dir: str | Path, settings: SslSet
     runs = plan_runs(settings)
     check_settings(output_dir, settings)
     data = labelled_data(data_dir, settings)
-    notes = synthetic_pool(settings.synthetic, data_dir, settings.allow_unknown_provenance)[1] \
+    notes = [data.validation.describe()] if data.validation.carved else []
+    notes += synthetic_pool(settings.synthetic, data_dir, settings.allow_unknown_provenance)[1] \
         if settings.synthetic else []  # refused now, not after the real runs
     pools: dict[str, torch.Tensor] = {}
     results = []
@@ -233,7 +249,7 @@ def run_ssl_study(data_dir: str | Path, output_dir: str | Path, settings: SslSet
         path = output_dir / "runs" / run.name / "result.json"
         results.append(json.loads(path.read_text()) if path.is_file()
                        else execute_run(run, data_dir, data, settings, output_dir, pools, device))
-    summary = summarise(results, class_counts(data), data.classes, settings, notes)
+    summary = summarise(results, class_counts(data), data.classes, settings, notes, data.validation)
     write_json_atomic(output_dir / "summary.json", summary, indent=1)
     write_report(output_dir, summary, runs, data, settings)
     return summary
