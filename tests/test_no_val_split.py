@@ -19,6 +19,7 @@ from medaug.data import DatasetError, DatasetFolder
 from medaug.data.subset import write_rows
 from medaug.data.validation import ensure_validation
 from medaug.demo import run_demo
+from medaug.scripts import train_pix2pix
 from tests.test_demo import TINY as TINY_DEMO
 
 runner = CliRunner()
@@ -125,15 +126,26 @@ COMMANDS = {  # name: (needs a val split, arguments after the data folder D and 
     "evaluate": (True, ["evaluate", "--real", "D", "--synthetic", "S", "--output_dir", "O", "--model_path", "M",
                         "--kid_subsets", "10", "--diversity_pairs", "4", "--nearest_k", "2", "--fidelity_epochs",
                         "1", "--fidelity_resolution", "32"]),
-    "demo": (True, "the tiny demo"),  # the command's flags cannot make it tiny; run_demo with the test settings
+    "demo": (True, None),  # the command's flags cannot make it tiny: run_demo with the test's settings
     "inspect": (False, ["inspect", "D"]),
     "edges": (False, ["edges", "D", "--output_dir", "O", "--method", "mask_boundary"]),
     "export": (False, ["export", "D", "--output_dir", "O"]),
     "train-encoder": (False, ["train-encoder", "D", "--output_dir", "O", "--max_train_steps", "1",
                               "--train_batch_size", "4", "--resolution", "32"]),
+    "embed": (False, ["embed", "D", "--model_path", "E", "--output", "V"]),
+    "train_pix2pix.py": (False, None),  # the training scripts, through their main() as accelerate runs them
     "generate": (False, ["generate", "--base_model", "M", "--controlnet", "C", "--from_masks", "D", "--output_dir",
                          "O", "--num_inference_steps", "1", "--max_sources", "2"]),
 }
+
+
+def tiny_pix2pix(data, output):
+    train_pix2pix.main(train_pix2pix.parse_args([
+        "--train_data_dir", str(data), "--output_dir", str(output), "--max_train_steps", "1", "--train_batch_size",
+        "4", "--resolution", "32", "--generator_channels", "8,16"]))
+
+
+SCRIPTS = {"demo": lambda data, output: run_demo(output, data, TINY_DEMO), "train_pix2pix.py": tiny_pix2pix}
 
 
 @pytest.fixture(scope="module")
@@ -161,12 +173,13 @@ def test_every_command_on_a_folder_without_val_rows(command, no_val, synthetic_p
     monkeypatch.setattr("medaug.training.cache.DEFAULT_CACHE_DIR", tmp_path / "cache")
     needs_val, arguments = COMMANDS[command]
     output = tmp_path / "out"
-    places = {"D": no_val, "O": output, "S": synthetic_pairs, "M": tiny_model_dir, "C": controlnet}
+    places = {"D": no_val, "O": output, "S": synthetic_pairs, "M": tiny_model_dir, "C": controlnet,
+              "E": tiny_model_dir / "image_encoder", "V": tmp_path / "v.safetensors"}
     before = checksums(no_val)
     expected = ensure_validation(DatasetFolder(no_val), log=False)
     with caplog.at_level(logging.WARNING, logger="medaug.data.validation"):
-        if command == "demo":
-            run_demo(output, no_val, TINY_DEMO)
+        if arguments is None:
+            SCRIPTS[command](no_val, output)
         else:
             result = runner.invoke(app, [str(places.get(argument, argument)) for argument in arguments])
             assert result.exit_code == 0, (result.output, result.exception)
