@@ -32,6 +32,16 @@ class Source:
     edge_method: str | None = None  # None: a precomputed edge map (EDGE_COLUMN, or edge_file)
     edge_file: Path | None = None
 
+    def image_sha256(self) -> str:
+        """The hash of the source row's image file ("" where there is no row), so a study can recognise a test
+        image by its bytes whatever its name or split are spelled as."""
+        from medaug.data.manifest import file_sha256
+
+        if self.folder is None or self.row is None:
+            return ""
+        path = self.folder.path(self.row, "file_name")
+        return file_sha256(path) if path is not None and path.is_file() else ""
+
     def control_image(self, resolution: int, fit: str) -> np.ndarray:
         """(R, R, 3) float32 edge map in [0, 1]."""
         from medaug.data import load_image

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medaug.files import write_json_atomic, write_text_atomic
+from medaug.records import RecordError, checked_fields
 
 RECORD_NAME = "medaug_args.json"
 CARD_NAME = "README.md"
@@ -100,14 +101,23 @@ def read_run_record(model_dir: str | Path, base_model: str | Path | None = None)
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RunRecordError(f"{path}: not readable JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise RunRecordError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     version = raw.get("version", 1)
+    if not isinstance(version, int):
+        raise RunRecordError(f"{path}: field 'version' should be int, got {version!r}")
     if version > RECORD_VERSION:
         raise RunRecordError(f"{path}: record version {version} is newer than this medaug reads "
                              f"({RECORD_VERSION}); upgrade medaug")
     if version == 1:
+        missing = [key for key in ("base_model", "resolution") if key not in raw]
+        if missing:
+            raise RunRecordError(f"{path}: lacks field(s) {missing}; the run folder's record is damaged or was edited")
         raw = _from_version_1(raw)
-    known = {item.name for item in fields(RunRecord)}
-    record = RunRecord(**{key: value for key, value in raw.items() if key in known})
+    try:  # keys beside the fields (base_model_relative) are the reader's business
+        record = RunRecord(**checked_fields(raw, RunRecord, str(path), allow_unknown=True))
+    except RecordError as error:
+        raise RunRecordError(f"{error}; the run folder's record is damaged or was edited") from None
     record.base_model = _resolve_base(model_dir, raw, base_model)
     return record
 

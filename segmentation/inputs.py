@@ -15,10 +15,12 @@ or files swapped afterwards are caught. `allow_unknown_provenance` uses such row
 from __future__ import annotations
 
 import hashlib
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medaug.data import DatasetError, DatasetFolder, read_manifest
+from medaug.data.folder import SPLIT_FOLDERS
 from medaug.data.manifest import file_sha256
 from medaug.data.validation import ValidationSplit, ensure_validation
 
@@ -160,15 +162,29 @@ def _synthetic_rows(folder: DatasetFolder, task: str, label_column: str, real_la
 
 
 def _refuse_test_sources(folder: DatasetFolder, real: DatasetFolder, test_rows: list[int]) -> None:
-    """Synthetic images made from a real test image would score the model on what it was shown."""
-    test_files = {real.value(i, "file_name") for i in test_rows}
-    for number, entry in enumerate(read_manifest(folder.root), start=1):
+    """Synthetic images made from a real test image would score the model on what it was shown. A source is
+    compared by identity: its split and file name after normalisation (case, spaces, separators, `./`), and the
+    bytes of its image where the manifest recorded their hash."""
+    test_names = {_normal_name(real.value(i, "file_name")) for i in test_rows}
+    entries = read_manifest(folder.root)
+    hashed = any(entry.source_sha256 for entry in entries)
+    test_hashes = {file_sha256(real.path(i, "file_name")) for i in test_rows} if hashed else set()
+    for number, entry in enumerate(entries, start=1):
         same_dataset = not entry.source_dataset or _same_dataset(entry.source_dataset, real.root)
-        from_test = entry.source_split == "test" or (same_dataset and entry.source_file_name in test_files)
-        if from_test:
+        if (_normal_split(entry.source_split) == "test" or entry.source_sha256 in test_hashes
+                or same_dataset and _normal_name(entry.source_file_name) in test_names):
             raise StudyError(f"--synthetic {folder.root}: manifest.jsonl line {number} ({entry.file_name}) was "
-                             f"generated from test-split source '{entry.source_file_name}'; synthetic training "
-                             "data must come from training sources only")
+                             f"generated from test-split source '{entry.source_file_name}' (split "
+                             f"'{entry.source_split}'); synthetic training data must come from training sources only")
+
+
+def _normal_split(value: str) -> str:
+    value = value.strip().lower()
+    return SPLIT_FOLDERS.get(value, value)
+
+
+def _normal_name(value: str) -> str:
+    return posixpath.normpath(value.strip().replace("\\", "/")).lower() if value.strip() else ""
 
 
 def _check_provenance(folder: DatasetFolder, allow_unknown: bool, notes: list[str]) -> None:

@@ -176,6 +176,36 @@ def test_leaking_synthetic_folder_is_refused_by_the_command(phantom_dir, synthet
 
 
 
+def test_every_spelling_of_a_test_source_is_caught(phantom_dir, synthetic_dir, tmp_path):
+    """The leakage guard compares identities: split and file name after normalisation, and the source's bytes."""
+    from medaug.segmentation.inputs import StudyError, load_study_data
+
+    table = pd.read_csv(phantom_dir / "metadata.csv")
+    test_file = table.query("split == 'test'").file_name.iloc[0]
+    train_file = table.query("split == 'train'").file_name.iloc[0]
+    renamed = tmp_path / "elsewhere"  # the test image under another name in another folder
+    renamed.mkdir()
+    shutil.copy(phantom_dir / test_file, renamed / "copy.png")
+    spellings = [dict(source_split="Test"), dict(source_split=" TEST "),
+                 dict(source_split="train", source_file_name="./" + test_file.upper()),
+                 dict(source_split="train", source_file_name=test_file.replace("/", "\\")),
+                 dict(source_split="train", source_dataset=str(renamed), source_file_name="copy.png",
+                      source_sha256=file_sha256(renamed / "copy.png"))]
+    for number, spelling in enumerate(spellings):
+        leaky = tmp_path / f"leaky{number}"
+        shutil.copytree(synthetic_dir, leaky)
+        entry = dict(source_dataset=str(phantom_dir), source_file_name=test_file) | spelling
+        append_manifest(leaky, ManifestEntry(file_name="images/round_0000.png", seed=0, model_dir="model", **entry))
+        with pytest.raises(StudyError, match="generated from test-split source"):
+            load_study_data("seg", phantom_dir, [leaky], check_images=False)
+    honest = tmp_path / "honest"  # a training source, however spelled, passes
+    shutil.copytree(synthetic_dir, honest)
+    append_manifest(honest, ManifestEntry(file_name="images/round_0000.png", seed=0, model_dir="model",
+                                          source_dataset=str(phantom_dir), source_file_name=" " + train_file,
+                                          source_split="Train", source_sha256=file_sha256(phantom_dir / train_file)))
+    load_study_data("seg", phantom_dir, [honest], check_images=False, allow_unknown_provenance=True)
+
+
 def check_report_html(output, tmp_path):
     """report.html is self-contained and shows each arm's predicted masks (cyan) over the truth (red) in Chromium."""
     text = (output / "report.html").read_text()

@@ -183,8 +183,16 @@ def test_manifest_round_trip_and_torn_last_line(tmp_path):
     assert [entry.file_name for entry in entries] == ["images/0.png", "images/1.png"]
     assert entries[0] == first
     (tmp_path / "manifest.jsonl").write_text('{"file_name": "a.png", "seed": 1, "model_dir": "m", "colour": 1}\n')
-    with pytest.raises(ValueError, match=r"line 1 has unknown keys \['colour'\]"):
+    with pytest.raises(ValueError, match=r"line 1: unknown field\(s\) \['colour'\]"):
         read_manifest(tmp_path)
+    for line, message in (('{"file_name": "a.png", "model_dir": "m"}', r"line 1: lacks field\(s\) \['seed'\]"),
+                          ('{"file_name": "a.png", "seed": "1", "model_dir": "m"}', "field 'seed' should be int"),
+                          ('{"file_name": "a.png", "seed": 1, "model_dir": "m", "source_split": 0}',
+                           "field 'source_split' should be str"),
+                          ('["a.png"]', "line 1: expected a JSON object, got list")):
+        (tmp_path / "manifest.jsonl").write_text(line + "\n")
+        with pytest.raises(ValueError, match=message):
+            read_manifest(tmp_path)
 
 
 def write_split_layout(root, counts=(("train", 2), ("validation", 1), ("test", 1)), name="metadata.csv"):

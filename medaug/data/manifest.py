@@ -15,6 +15,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from medaug.records import checked_fields
+
 MANIFEST_NAME = "manifest.jsonl"
 
 
@@ -27,6 +29,7 @@ class ManifestEntry:
     source_dataset: str = ""  # the real dataset folder that gave structure or condition
     source_file_name: str = ""  # that row's file_name in the source dataset
     source_split: str = ""  # that row's split, so leakage into a test split can be refused
+    source_sha256: str = ""  # of that row's image file: the source's identity, whatever its name is spelled as
     prompt: str = ""
     condition_hash: str = ""  # hash of a non-text condition (embedding, reference image, edge map)
     sha256: str = ""  # of the image file as written, so a row whose file was swapped or copied in is caught
@@ -59,10 +62,7 @@ def read_manifest(folder: str | Path) -> list[ManifestEntry]:
             if number == len(lines):
                 break  # written while the run was killed
             raise ValueError(f"{path}: line {number} is not valid JSON") from None
-        unknown = set(record) - set(ManifestEntry.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{path}: line {number} has unknown keys {sorted(unknown)}")
-        entries.append(ManifestEntry(**record))
+        entries.append(ManifestEntry(**checked_fields(record, ManifestEntry, f"{path}: line {number}")))
     return entries
 
 

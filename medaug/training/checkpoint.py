@@ -17,8 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medaug.files import safetensors_problem
+from medaug.records import RecordError, check_types
 
 STATE_FILE = "training_state.json"
+STATE_FIELDS = {"step": "int", "configuration": "dict", "optimizer": "dict", "lr_scheduler": "dict"}
 DAMAGED_ADVICE = "the checkpoint is damaged (resume from an earlier one, or pass --overwrite to start again)"
 
 
@@ -97,6 +99,14 @@ def _read_state(path: Path) -> dict:
                if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(f"{path}: lacks {', '.join(missing)}; the checkpoint is damaged")
+    try:
+        check_types(state, STATE_FIELDS, str(path))
+    except RecordError as error:
+        raise CheckpointError(f"{error}; the checkpoint is damaged or was edited") from None
+    named = re.fullmatch(r"checkpoint-(\d+)", path.parent.name)
+    if state["step"] < 0 or named and int(named.group(1)) != state["step"]:
+        raise CheckpointError(f"{path}: field 'step' says {state['step']}, but the checkpoint folder is "
+                              f"{path.parent.name}; the checkpoint was edited or is damaged")
     return state
 
 

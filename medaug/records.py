@@ -1,0 +1,47 @@
+"""Records medaug reads back (run records, manifest lines, checkpoint states), checked against the dataclass or
+field table that writes them before anything trusts them: a missing field, a field of the wrong type or an unknown
+key is refused in one line naming the file and the field, instead of a KeyError deep in the caller."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+
+# Annotation text (the modules use `from __future__ import annotations`) -> the JSON types it accepts.
+JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,),
+              "list": (list,)}
+
+
+class RecordError(ValueError):
+    """A record medaug wrote earlier does not read back as it was written; the message names file and field."""
+
+
+def checked_fields(raw: object, kind: type, where: str, allow_unknown: bool = False) -> dict:
+    """`raw` as keyword arguments of the dataclass `kind`, after checking it is an object holding every field
+    without a default, each of its annotated type; unknown keys are refused unless `allow_unknown` (then dropped)."""
+    if not isinstance(raw, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    known = {item.name: item for item in fields(kind)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown and not allow_unknown:
+        raise RecordError(f"{where}: unknown field(s) {unknown}")
+    missing = [name for name, item in known.items()
+               if name not in raw and item.default is MISSING and item.default_factory is MISSING]
+    if missing:
+        raise RecordError(f"{where}: lacks field(s) {missing}")
+    check_types({name: raw[name] for name in raw if name in known},
+                {name: str(item.type) for name, item in known.items()}, where)
+    return {name: value for name, value in raw.items() if name in known}
+
+
+def check_types(values: dict, annotations: dict[str, str], where: str) -> None:
+    """Each value of the type its annotation text names ('int', 'str | None', ...); others are not checked."""
+    for name, value in values.items():
+        options = [part.strip() for part in annotations.get(name, "").split("|")]
+        if value is None and "None" in options:
+            continue
+        if any(option not in JSON_TYPES and option != "None" for option in options):
+            continue  # an annotation these checks do not read (list[str], object, ...)
+        accepted = tuple(kind for option in options for kind in JSON_TYPES.get(option, ()))
+        if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
+            raise RecordError(f"{where}: field '{name}' should be {' or '.join(options)}, "
+                              f"got {type(value).__name__} {value!r:.60}")
