@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from medaug.console import console, errors, fail, progress_bar, reporting_errors
@@ -91,6 +92,8 @@ def _print_summary(summary: dict) -> None:
         table.add_row("mask coverage", f"mean {coverage['mean']:.1%}, median {coverage['median']:.1%}, "
                       f"max {coverage['max']:.1%}; {coverage['empty']} of {coverage['masks_read']} empty")
     console.print(table)
+    for notice in summary["notices"]:
+        console.print(f"[yellow]note:[/] {escape(notice)}", highlight=False, soft_wrap=True)
     problems = summary["problems"]
     if problems:
         errors.print(f"[bold red]{len(problems)} problem(s):[/]")

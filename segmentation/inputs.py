@@ -19,8 +19,8 @@ import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medaug.data import DatasetError, DatasetFolder, read_manifest
-from medaug.data.folder import SPLIT_FOLDERS
+from medaug.data import DatasetError, DatasetFolder, ScanResult, read_manifest
+from medaug.data.folder import SPLIT_FOLDERS, mask_notices, spells_missing
 from medaug.data.manifest import file_sha256
 from medaug.data.validation import ValidationSplit, ensure_validation
 
@@ -48,18 +48,19 @@ def load_study_data(task: str, real_dir: str | Path, synthetic_dirs: list[str | 
     """Check the folders and return the items of each split; raise `StudyError` on bad input."""
     if task not in TASKS:
         raise StudyError(f"task must be one of {', '.join(TASKS)}, got '{task}'")
-    real = _open_folder(real_dir, "--data", check_images)
+    real, scan = _open_folder(real_dir, "--data", check_images)
     validation = _validation(real, label_column)
     notes: list[str] = [validation.describe()] if validation.carved else []
     splits = {split: _split_rows(real, split, "--data", required=True) for split in ("train", "val", "test")}
     if task == "seg":
         splits = {split: _rows_with_masks(real, rows, split, notes) for split, rows in splits.items()}
+        _mask_verdicts(real, scan, notes)
     classes = _classes(real, splits, label_column) if task == "cls" else []
     real_labels = {real.value(i, label_column) for i in range(len(real))} - {""}
     items = {split: [_item(real, i, "real", label_column, classes) for i in rows] for split, rows in splits.items()}
     synthetic = []
     for directory in synthetic_dirs:
-        folder = _open_folder(directory, "--synthetic", check_images)
+        folder, _ = _open_folder(directory, "--synthetic", check_images)
         rows = _synthetic_rows(folder, task, label_column, real_labels)
         _refuse_test_sources(folder, real, splits["test"])
         _check_provenance(folder, allow_unknown_provenance, notes)
@@ -73,8 +74,8 @@ def synthetic_pool(directory: str | Path, real_dir: str | Path, allow_unknown_pr
     """A synthetic folder whose images join an unlabelled pool (self-supervised pre-training: neither labels nor
     masks needed), checked as a study checks one: every row split 'train', no test-split source, provenance known
     (or accepted as a risk, which the returned notes say)."""
-    real = _open_folder(real_dir, "--data", check_images=False)
-    folder = _open_folder(directory, "--synthetic", check_images=True)
+    real, _ = _open_folder(real_dir, "--data", check_images=False)
+    folder, _ = _open_folder(directory, "--synthetic", check_images=True)
     _synthetic_rows(folder, "pool", "", set())
     _refuse_test_sources(folder, real, _split_rows(real, "test", "--data", required=False))
     notes: list[str] = []
@@ -82,13 +83,23 @@ def synthetic_pool(directory: str | Path, real_dir: str | Path, allow_unknown_pr
     return folder, notes
 
 
-def _open_folder(directory: str | Path, flag: str, check_images: bool) -> DatasetFolder:
+def _open_folder(directory: str | Path, flag: str, check_images: bool) -> tuple[DatasetFolder, ScanResult]:
     try:
         folder = DatasetFolder(directory)
-        folder.check(read_images=check_images)
+        return folder, folder.check(read_images=check_images)
     except DatasetError as error:
         raise StudyError(f"{flag} {error}") from error
-    return folder
+
+
+def _mask_verdicts(folder: DatasetFolder, scan: ScanResult, notes: list[str]) -> None:
+    """`medaug inspect`'s mask notices, acted on: a train or test split of empty masks is refused, masks with
+    more than two values are noted as read (one foreground)."""
+    notices = mask_notices(folder, scan)
+    for split in ("train", "test"):
+        if f"empty:{split}" in notices:
+            raise StudyError(f"--data {folder.metadata_path}: {notices[f'empty:{split}']}")
+    if "levels" in notices:
+        notes.append(f"--data: {notices['levels']}")
 
 
 def _validation(folder: DatasetFolder, label_column: str) -> ValidationSplit:
@@ -122,6 +133,11 @@ def _classes(folder: DatasetFolder, splits: dict[str, list[int]], label_column: 
         raise StudyError(f"--data {folder.metadata_path}: column '{label_column}' is missing; a classification "
                          f"study needs labels (choose the column with --label_column)")
     for split, rows in splits.items():
+        missing = [i + 1 for i in rows if spells_missing(folder.value(i, label_column))]
+        if missing:
+            raise StudyError(f"--data {folder.metadata_path}: rows {_shorten(missing)} of split '{split}' spell a "
+                             f"missing value in column '{label_column}' (e.g. '{folder.value(missing[0] - 1, label_column)}'"
+                             "); leave such cells empty or name the class")
         unlabelled = [i + 1 for i in rows if not folder.value(i, label_column)]
         if unlabelled:
             raise StudyError(f"--data {folder.metadata_path}: rows {_shorten(unlabelled)} of split '{split}' have "

@@ -13,7 +13,10 @@ in `scan`, so that `medaug inspect` can list all of them in one pass.
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +76,7 @@ class RowStats:
     channels: int
     dtype: str
     mask_coverage: float | None = None
+    mask_levels: int = 0  # distinct values in the mask; above 2, classes that medaug reads as one foreground
 
 
 @dataclass
@@ -88,6 +92,14 @@ class RowOrigin:
     folder: str
     source: str  # the metadata file, relative to the dataset folder
     row: int  # 1-based
+
+
+MISSING_SPELLINGS = ("nan", "na", "n/a", "null", "none", "<na>")  # how spreadsheets and pandas write "no value"
+
+
+def spells_missing(value: str) -> bool:
+    """Whether a label cell holds a word for "no value" (a literal NaN would otherwise become a class)."""
+    return value.strip().lower() in MISSING_SPELLINGS
 
 
 def metadata_files(folder: Path) -> list[Path]:
@@ -122,6 +134,10 @@ def read_metadata(root: str | Path) -> tuple[pd.DataFrame, Path]:
     if len(present) > 1:
         raise DatasetError(root, [Problem(f"{' and '.join(p.name for p in present)} exist; keep one")])
     path = present[0]
+    duplicated = _duplicate_columns(path)
+    if duplicated:
+        raise DatasetError(path, [Problem(f"appears {count} times; which one holds the value is "
+                                          "ambiguous, keep one", column=name) for name, count in duplicated.items()])
     try:
         if path.suffix == ".csv":
             table = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -132,6 +148,29 @@ def read_metadata(root: str | Path) -> tuple[pd.DataFrame, Path]:
         raise DatasetError(path, [Problem(f"cannot parse the table: {error}")]) from error
     table.columns = [str(column).strip() for column in table.columns]
     return table.reset_index(drop=True), path
+
+
+def _duplicate_columns(path: Path) -> dict[str, int]:
+    """{column: count} of the names a CSV header (or a JSON Lines object) holds more than once, compared as medaug
+    reads them (stripped). pandas would rename a second `split` to `split.1`, and JSON keeps the last key."""
+    names: list[list[str]] = []
+    try:
+        if path.suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as handle:
+                names.append(next(csv.reader(handle), []))
+        elif path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as handle:
+                for line in handle:
+                    if line.strip():
+                        json.loads(line, object_pairs_hook=lambda pairs: names.append([k for k, _ in pairs]) or {})
+    except (ValueError, UnicodeDecodeError, OSError):
+        return {}  # the table reader says what is wrong with the file
+    counts: dict[str, int] = {}
+    for row in names:
+        for name, count in Counter(name.strip() for name in row).items():
+            if count > 1:
+                counts[name] = max(count, counts.get(name, 0))
+    return counts
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
@@ -205,6 +244,28 @@ def _in_split_folder(table: pd.DataFrame, folder: str) -> pd.DataFrame:
 
 def _is_absolute(relative: str) -> bool:
     return Path(relative).is_absolute() or relative.startswith(("/", "\\"))
+
+
+def mask_notices(folder: DatasetFolder, scan: ScanResult) -> dict[str, str]:
+    """What a scan's masks say that is not a problem for every use, one verdict each for `medaug inspect` and the
+    segmentation commands alike: {"levels": masks with more than two values (read as one foreground), and
+    "empty:<split>": a split whose every mask is empty (segmentation refuses it)}."""
+    notices = {}
+    levels = {index: stats.mask_levels for index, stats in scan.stats.items() if stats.mask_levels > 2}
+    if levels:
+        first = min(levels)
+        notices["levels"] = (f"{len(levels)} mask(s) hold more than two values (as many as {max(levels.values())}; first "
+                             f"{folder.value(first, 'mask_file_name')}); medaug reads every value above 0 as one "
+                             "foreground (a multi-class mask becomes binary)")
+    by_split: dict[str, list[float]] = {}
+    for index, stats in scan.stats.items():
+        if stats.mask_coverage is not None:
+            by_split.setdefault(folder.split(index), []).append(stats.mask_coverage)
+    for split, coverages in by_split.items():
+        if not any(coverages):
+            notices[f"empty:{split}"] = (f"split '{split}': all {len(coverages)} mask(s) are empty; a segmentation "
+                                         "model cannot learn or be scored on them")
+    return notices
 
 
 class DatasetFolder:
@@ -357,6 +418,10 @@ class DatasetFolder:
                         Problem(f"unknown split '{shown}'; expected one of {', '.join(SPLITS)}",
                                 column="split", file=self.value(index, "file_name") or None, **self.where(index))
                     )
+        problems += [Problem(f"'{self.value(index, 'label')}' spells a missing value; leave the cell empty for an "
+                             "unlabelled row, or name its class", column="label",
+                             file=self.value(index, "file_name") or None, **self.where(index))
+                     for index in range(len(self)) if spells_missing(self.value(index, "label"))]
         rows_by_key: dict[tuple[str, str], list[int]] = {}
         for index in range(len(self)):
             key = (self.value(index, "file_name"), self.value(index, "slice_index"))
@@ -425,9 +490,11 @@ class DatasetFolder:
                     column=column, file=self.value(index, column), **self.where(index),
                 ))
         mask = arrays.get("mask_file_name")
-        coverage = None
+        coverage, levels = None, 0
         if mask is not None:
             foreground = mask.max(axis=2) > 0 if mask.ndim == 3 else mask > 0
             coverage = float(np.mean(foreground))
+            levels = len(np.unique(mask.max(axis=2) if mask.ndim == 3 else mask))
         channels = 1 if image.ndim == 2 else int(image.shape[2])
-        return problems, RowStats(int(image.shape[0]), int(image.shape[1]), channels, str(image.dtype), coverage)
+        return problems, RowStats(int(image.shape[0]), int(image.shape[1]), channels, str(image.dtype), coverage,
+                                  levels)

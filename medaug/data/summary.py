@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from medaug.data.folder import SPLITS, DatasetFolder, ScanResult
+from medaug.data.folder import SPLITS, DatasetFolder, ScanResult, mask_notices
 
 
 def summarize(folder: DatasetFolder, scan: ScanResult) -> dict:
@@ -35,6 +35,7 @@ def summarize(folder: DatasetFolder, scan: ScanResult) -> dict:
         "image_sizes": _size_summary(stats),
         "pixel_types": dict(Counter(f"{s.dtype}, {s.channels} channel(s)" for s in stats)),
         "mask_coverage": _coverage_summary(coverages),
+        "notices": list(mask_notices(folder, scan).values()),
         "problems": [str(problem) for problem in scan.problems],
     }
 
