@@ -99,3 +99,30 @@ def progress_bar(description: str = "working", disable: bool = False) -> Progres
         transient=True,
         disable=disable,
     )
+
+
+def print_table(title: str, keys: list[str], values: list[str], rows: list[list[str]], target: Console | None = None
+                ) -> None:
+    """A table whose key columns (the first len(keys) cells of each row: which arm, which fraction) never wrap or
+    shrink: value columns that would not fit the terminal (80 columns in a log file) go into further tables that
+    repeat the keys, instead of squeezing the keys to nothing."""
+    from rich.table import Table
+
+    target = target or console
+    widths = [max(len(header), *(len(row[k]) for row in rows)) for k, header in enumerate(keys + values)]
+    budget = target.width - sum(width + 3 for width in widths[:len(keys)]) - 1
+    groups: list[list[int]] = [[]]
+    for k in range(len(keys), len(widths)):
+        used = sum(widths[j] + 3 for j in groups[-1])
+        if groups[-1] and used + widths[k] + 3 > budget:
+            groups.append([])
+        groups[-1].append(k)
+    for number, group in enumerate(groups):
+        table = Table(title=title if number == 0 else f"{title} (continued)")
+        for header in keys:
+            table.add_column(header, no_wrap=True)
+        for k in group:
+            table.add_column(values[k - len(keys)], justify="right")
+        for row in rows:
+            table.add_row(*row[:len(keys)], *(row[k] for k in group))
+        target.print(table)

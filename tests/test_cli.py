@@ -158,3 +158,25 @@ def test_study_seg_takes_exactly_the_listed_flags_and_shows_them():
     result = runner.invoke(app, ["study", "seg", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert set(STUDY_SEG_FLAGS) <= set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*(?![\w-])", result.output))
+
+
+def test_bench_s_table_keeps_every_arm_and_fraction_readable_at_80_columns():
+    """In a log file (80 columns) the key columns must not be squeezed to nothing by the metric columns."""
+    from rich.console import Console
+
+    from medaug.console import print_table
+
+    arms = ["real", "real+classical", "real+classical+synthetic", "synthetic_pretrain"]
+    metrics = ["Dice", "IoU", "HD95 px", "Dice (lesion images)"]
+    rows = [[arm, "0.25", "1", "137+137", "3"] + ["0.521 [0.500, 0.540]"] * len(metrics) for arm in arms]
+    narrow = Console(width=80, record=True, color_system=None)
+    print_table("medaug bench seg", ["arm", "fraction", "ratio"], ["train", "seeds"] + metrics, rows, target=narrow)
+    lines = narrow.export_text().splitlines()
+    assert max(map(len, lines)) <= 80
+    assert all(sum(f" {metric} ┃" in line for line in lines) == 1 for metric in metrics)
+    for arm in arms:  # each arm's name whole on one line, in every table the columns were split over
+        assert sum(f" {arm} " in line for line in lines) == 1 + len(metrics)
+        assert sum(f" {arm} " in line and " 0.521 [0.500, 0.540] " in line for line in lines) == len(metrics)
+    wide = Console(width=200, record=True, color_system=None)
+    print_table("medaug bench seg", ["arm", "fraction", "ratio"], ["train", "seeds"] + metrics, rows, target=wide)
+    assert sum(" real+classical+synthetic " in line for line in wide.export_text().splitlines()) == 1

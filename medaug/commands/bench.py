@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from medaug.console import console, errors, fail, progress_bar
+from medaug.console import console, errors, fail, print_table, progress_bar
 from medaug.outputs import output_lock
 from medaug.training.arguments import COMMAND_CONFIG_HELP, config_callback
 
@@ -106,17 +105,13 @@ def bench_command(
 def _print_summary(summary: dict, output_dir: Path) -> None:
     from medaug.segmentation.report import LABELS, interval_text
 
-    table = Table(title=f"medaug bench {summary['task']}: real test split, mean [95% bootstrap interval]")
-    for column in ("arm", "fraction", "ratio", "train", "seeds"):
-        table.add_column(column)
-    for metric in summary["metrics"]:
-        table.add_column(LABELS[metric], justify="right", no_wrap=True)
-    for group in summary["groups"]:
-        cells = [group["arm"], f"{group['real_fraction']:g}", f"{group['ratio']:g}",
-                 f"{group['n_train_real']}+{group['n_train_synthetic']}", str(len(group["seeds"]))]
-        cells += [interval_text(group["metrics"][metric]) for metric in summary["metrics"]]
-        table.add_row(*cells)
-    console.print(table)
+    rows = [[group["arm"], f"{group['real_fraction']:g}", f"{group['ratio']:g}",
+             f"{group['n_train_real']}+{group['n_train_synthetic']}", str(len(group["seeds"]))]
+            + [interval_text(group["metrics"][metric]) for metric in summary["metrics"]]
+            for group in summary["groups"]]
+    print_table(f"medaug bench {summary['task']}: real test split, mean [95% bootstrap interval]",
+                ["arm", "fraction", "ratio"], ["train", "seeds"] + [LABELS[metric] for metric in summary["metrics"]],
+                rows)
     for note in summary["notes"]:
         errors.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     console.print(f"wrote {output_dir / 'results.json'}, {output_dir / 'results.md'}, "

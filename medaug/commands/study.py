@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from medaug.console import console, fail
+from medaug.console import console, fail, print_table
 from medaug.outputs import output_lock
 from medaug.training.arguments import COMMAND_CONFIG_HELP, config_callback
 
@@ -88,9 +88,9 @@ def study_seg_command(
             summary = run_lowdata_study(data, output_dir, settings, on_stage=lambda text: console.rule(text))
     except (LowDataStudyError, FileExistsError, FileNotFoundError) as error:
         fail(str(error))
-    for row in summary["rows"]:
-        delta = row["delta_vs_real"]
-        resolvable = f" (resolvable ±{delta['resolvable']:.3f})" if delta else ""
-        console.print(f"{row['real_fraction']:g} {row['arm']:<26} {row['generator'] or '':<14} Dice "
-                      f"{row['mean']:.3f}" + (f"  Δ vs real {delta['mean']:+.3f}{resolvable}" if delta else ""))
+    rows = [[f"{row['real_fraction']:g}", row["arm"], row["generator"] or "–", f"{row['mean']:.3f}",
+             f"{row['delta_vs_real']['mean']:+.3f} ± {row['delta_vs_real']['resolvable']:.3f}"
+             if row["delta_vs_real"] else "–"] for row in summary["rows"]]
+    print_table("test Dice (Δ vs real ± the smallest difference the design resolves)",
+                ["fraction", "arm", "generator"], ["Dice", "Δ vs real"], rows)
     console.print(f"report: {output_dir / 'report.html'}")
