@@ -24,6 +24,9 @@ from medaug.speed import DEFAULT_STEPS
 from medaug.training.run_scripts import rerun_flags, run_script
 
 STAGE_FOLDER = "stages"
+# What a demo writes in its folder; --overwrite removes these and nothing else.
+DEMO_ENTRIES = (STAGE_FOLDER, "demo.json", "report.html", "data", "base", "cache", "consistency_segmenter",
+                "controlnet", "encoder", "evaluate", "finetune", "segmentation", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -275,9 +278,13 @@ STAGES: dict[str, tuple[str, Callable[[Demo], dict]]] = {
 # ---------------------------------------------------------------------------------------------------------
 
 def open_demo_folder(output_dir: Path, data: Path | None, settings: DemoSettings, overwrite: bool) -> None:
-    """Refuse a folder holding another demo (other data or settings) unless `overwrite`."""
+    """Refuse a folder holding another demo (other data or settings) unless `overwrite`, and a non-empty folder
+    holding no demo; `overwrite` removes the demo's own entries only."""
     record = {"data": str(data.resolve()) if data else None, "settings": asdict(settings)}
     path = output_dir / "demo.json"
+    if not path.is_file() and folder_entries(output_dir):
+        raise DemoError(f"--output_dir: {output_dir} is not empty and holds no demo; medaug replaces only its own "
+                        "output (--overwrite included), so choose a new or empty folder")
     if path.is_file() and not overwrite:
         previous = json.loads(path.read_text())
         # Demos written before the setting took the training scripts' name.
@@ -287,10 +294,9 @@ def open_demo_folder(output_dir: Path, data: Path | None, settings: DemoSettings
                              != record["settings"][key]) or ["data"]
             raise DemoError(f"--output_dir: {output_dir} holds a demo run with other settings ({', '.join(changed)});"
                             " choose another folder or pass --overwrite")
-    elif folder_entries(output_dir) and not overwrite:
-        raise DemoError(f"--output_dir: {output_dir} is not empty and holds no demo; choose another folder")
     for entry in folder_entries(output_dir) if overwrite else []:
-        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if entry.name in DEMO_ENTRIES:  # the user's files beside a demo are kept
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     (output_dir / STAGE_FOLDER).mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
 
@@ -318,6 +324,9 @@ def run_demo(output_dir: str | Path, data: str | Path | None = None, settings: D
     data = Path(data) if data is not None else None
     if data is not None and not is_dataset_folder(data):
         raise DemoError(f"--data: {data} is not a dataset folder (no metadata file, at its top or in split folders)")
+    if data is not None and data.resolve().is_relative_to(output_dir.resolve()):
+        raise DemoError(f"--data: {data} lies in --output_dir {output_dir}, whose entries the demo replaces; keep "
+                        "the dataset outside it")
     open_demo_folder(output_dir, data, settings, overwrite)
     demo = Demo(output_dir, data, settings, carve=data is not None and not has_val_rows(data))
     records = {}

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from medaug.data.folder import METADATA_NAMES
+from medaug.outputs import refuse_foreign_entries, refuse_input_folder
 
 MASK_METHODS = ("mask_boundary", "mask_filled", "fused")
 # Options each method accepts; `edge_map` refuses others by name instead of failing deep inside OpenCV.
@@ -218,9 +219,10 @@ def edge_file_name(file_name: str, slice_index: int | None) -> str:
 
 
 def _prepare_output(dataset_root: Path, output_dir: Path, overwrite: bool) -> None:
-    if output_dir.resolve() == dataset_root:
-        raise FileExistsError(f"{output_dir} is the source dataset folder; choose another folder")
+    refuse_input_folder(output_dir, {"DATASET_DIR": dataset_root})
     existing = [output_dir / name for name in METADATA_NAMES if (output_dir / name).exists()]
+    if not existing:  # no dataset of an earlier run here: the folder must hold nothing of the user's
+        refuse_foreign_entries(output_dir, lambda entry: False, "medaug")
     if existing and not overwrite:
         raise FileExistsError(f"{output_dir} already holds a dataset ({existing[0].name}); "
                               "choose another folder or pass overwrite")

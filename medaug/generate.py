@@ -31,7 +31,7 @@ from medaug.conditioning import Condition, condition_class, load_projection
 from medaug.data import MANIFEST_NAME, ManifestEntry, append_manifest, to_channels
 from medaug.generate_sources import (GENERATOR_FAMILIES, Source, generator_sources, own_training_source,
                                      plan_sources)
-from medaug.outputs import output_lock
+from medaug.outputs import output_lock, refuse_input_folder
 from medaug.run_loader import SCHEDULERS, check_run_files
 from medaug.run_record import RECORD_NAME, RunRecord, read_run_record
 from medaug.speed import (DEFAULT_SCHEDULER, DEFAULT_STEPS, auto_batch_size, autocast, choose_threads,
@@ -310,6 +310,8 @@ def generate(model_dir: str | Path | None, output_dir: str | Path, edges: str | 
     if compile_model and plan.record.generator != "latent_diffusion":
         raise ValueError(f"--compile: only latent diffusion models have a denoiser to compile; this is a "
                          f"{plan.record.generator} model, one cheap pass per image")
+    refuse_input_folder(output_dir, {"--edges": edges, "--from_masks": from_masks, "--from_images": from_images,
+                                     "--model_dir": model_dir})
     state = process_state()
     plan.settings["precision"] = generation_precision(plan.record, precision, state.device)
     with output_lock(output_dir, enabled=state.is_main_process):  # one run writes a folder at a time

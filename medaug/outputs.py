@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,6 +45,28 @@ def writable_folder(path: str | Path, flag: str = "--output_dir") -> Path:
 def folder_entries(path: Path) -> list[Path]:
     """What a folder holds besides the lock of the run writing it."""
     return [entry for entry in path.iterdir() if entry.name != LOCK_NAME] if path.is_dir() else []
+
+
+def refuse_input_folder(output_dir: str | Path, inputs: dict[str, str | Path | None], flag: str = "--output_dir"
+                        ) -> None:
+    """medaug never writes into a folder it reads: an output folder that is one of the command's input folders
+    (resolved, so no spelling of the path gets through) is refused, whatever --overwrite says."""
+    output = Path(output_dir).expanduser().resolve()
+    for input_flag, path in inputs.items():
+        if path is not None and str(path) and Path(path).expanduser().resolve() == output:
+            raise OutputFolderError(f"{flag}: {output_dir} is the {input_flag} folder; medaug never writes into "
+                                    "a folder it reads, choose another one")
+
+
+def refuse_foreign_entries(output_dir: str | Path, ours: Callable[[Path], bool], what: str,
+                           flag: str = "--output_dir") -> None:
+    """Refuse a folder holding anything `ours` does not recognise as `what`'s own output: medaug deletes or
+    replaces only what it can prove it wrote, so it never works in a folder of the user's files."""
+    foreign = sorted(entry.name for entry in folder_entries(Path(output_dir)) if not ours(entry))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputFolderError(f"{flag}: {output_dir} holds {shown}, which {what} did not write; medaug replaces "
+                                "only its own output, so choose a new or empty folder")
 
 
 def _holder(handle) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,6 @@ from medaug.files import partial_path, write_text_atomic
 from medaug.outputs import folder_entries
 
 ARGS_NAME = "generate_args.json"
-OUTPUT_ENTRIES = ("images", "masks", "metadata.csv", MANIFEST_NAME, ARGS_NAME)
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -41,9 +39,10 @@ def _grows(old, new) -> bool:
 
 def check_output_folder(output_dir: Path, settings: dict, resume: bool, overwrite: bool,
                         growable: tuple[str, ...]) -> None:
-    """Refuse a non-empty folder that another run made, unless `overwrite`. A folder of this run (same
-    settings) continues; with `resume`, the counts in `growable` may also grow. Reads only."""
-    if overwrite or not output_dir.exists():
+    """Refuse a non-empty folder that no generate run made (even with `overwrite`, which replaces only what
+    generate wrote), and one another run made unless `overwrite`. A folder of this run (same settings) continues;
+    with `resume`, the counts in `growable` may also grow. Reads only."""
+    if not output_dir.exists():
         return
     if not output_dir.is_dir():
         raise FileExistsError(f"--output_dir: {output_dir} exists and is not a folder")
@@ -51,8 +50,11 @@ def check_output_folder(output_dir: Path, settings: dict, resume: bool, overwrit
         return
     old = _recorded(output_dir)
     if old is None:
-        raise FileExistsError(f"--output_dir: {output_dir} is not empty and was not written by medaug generate; "
-                              "choose another folder or pass --overwrite")
+        raise FileExistsError(f"--output_dir: {output_dir} is not empty and was not written by medaug generate "
+                              "(no generate_args.json); medaug replaces only its own output, so choose a new or "
+                              "empty folder")
+    if overwrite:
+        return
     changes = _changes(old, settings)
     if not changes:
         return
@@ -69,12 +71,7 @@ def prepare_output_folder(output_dir: Path, settings: dict, overwrite: bool, mas
     """Make the folders, record the settings, and clear what an interrupted run left: temporary files and a
     torn last manifest line. With `overwrite`, remove what an earlier generate run wrote (nothing else)."""
     if overwrite and output_dir.is_dir():
-        for name in OUTPUT_ENTRIES:
-            entry = output_dir / name
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            elif entry.exists():
-                entry.unlink()
+        remove_generated(output_dir)
     (output_dir / "images").mkdir(parents=True, exist_ok=True)
     if masks:
         (output_dir / "masks").mkdir(exist_ok=True)
@@ -83,6 +80,22 @@ def prepare_output_folder(output_dir: Path, settings: dict, overwrite: bool, mas
             stray.unlink()
     drop_torn_line(output_dir)
     write_text_atomic(output_dir / ARGS_NAME, json.dumps(settings, indent=2) + "\n")
+
+
+def remove_generated(output_dir: Path) -> None:
+    """Delete what earlier generate runs wrote here: the images and masks their manifest lists, the manifest, the
+    settings and metadata.csv; images/ and masks/ only where that leaves them empty (other files are the user's)."""
+    for entry in read_manifest(output_dir):
+        for name in (entry.file_name, entry.mask_file_name):
+            if name and (output_dir / name).resolve().is_relative_to(output_dir.resolve()):
+                (output_dir / name).unlink(missing_ok=True)
+    for name in ("metadata.csv", MANIFEST_NAME, ARGS_NAME):
+        (output_dir / name).unlink(missing_ok=True)
+    for name in ("images", "masks"):
+        for stray in (output_dir / name).glob(f".*{PARTIAL_SUFFIX}") if (output_dir / name).is_dir() else ():
+            stray.unlink()
+        if (output_dir / name).is_dir() and not any((output_dir / name).iterdir()):
+            (output_dir / name).rmdir()
 
 
 def finished_files(output_dir: Path) -> set[str]:

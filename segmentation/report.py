@@ -170,7 +170,7 @@ def validation_sentence(summary: dict) -> str:
 
 def markdown_report(summary: dict) -> str:
     """A header saying how the numbers were made, then one table row per group."""
-    settings, images, task = summary["settings"], summary["images"], summary["task"]
+    task = summary["task"]
     metrics = summary["metrics"]
     primary = PRIMARY_PAIRED[task]
     lines = [

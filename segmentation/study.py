@@ -23,6 +23,7 @@ import numpy as np
 
 from medaug.data import FIT_MODES
 from medaug.files import write_json_atomic
+from medaug.outputs import OutputFolderError, refuse_foreign_entries, refuse_input_folder
 from medaug.segmentation.arms import ARMS, SYNTHETIC_ARMS, arm_spec
 from medaug.segmentation.inputs import StudyData, StudyError, load_study_data
 from medaug.segmentation.networks import DEFAULT_NETWORK, check_resolution, network_spec
@@ -234,6 +235,8 @@ def _set_threads(num_threads: int) -> None:
 def _open_output(output_dir: Path, settings: dict, runs: list[Run]) -> None:
     """Create the output folder, or reopen one whose fixed settings match; record the plan."""
     path = output_dir / STUDY_FILE
+    if not path.is_file():  # no bench study here: the folder must hold nothing of the user's
+        refuse_new_output(output_dir, settings)
     if path.is_file():
         previous = json.loads(path.read_text())["settings"]
         changed = [f"{key} (was {previous.get(key)!r}, now {settings[key]!r})"
@@ -243,6 +246,18 @@ def _open_output(output_dir: Path, settings: dict, runs: list[Run]) -> None:
                              "Its finished runs would not compare; choose a new --output_dir")
     (output_dir / "runs").mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"settings": settings, "runs": [r.run_id for r in runs]})
+
+
+def refuse_new_output(output_dir: Path, settings: dict) -> None:
+    """A new study goes into an empty folder that is none of its inputs (results.json, report.html... would
+    replace the user's files of those names)."""
+    try:
+        refuse_input_folder(output_dir, {"--data": settings["data"]})
+        for synthetic in settings["synthetic"]:
+            refuse_input_folder(output_dir, {"--synthetic": synthetic})
+        refuse_foreign_entries(output_dir, lambda entry: False, "medaug bench")
+    except OutputFolderError as error:
+        raise StudyError(str(error)) from error
 
 
 def load_run_result(output_dir: Path, run: Run) -> dict | None:

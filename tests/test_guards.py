@@ -19,7 +19,7 @@ import torch
 from medaug import cli
 from medaug.console import reporting_errors
 from medaug.outputs import LOCK_NAME, OutputFolderError, output_lock
-from medaug.run_record import RECORD_NAME
+from medaug.run_record import CARD_NAME, RECORD_NAME
 from medaug.scripts import finetune, train_controlnet, train_vae
 from medaug.training.lora import LORA_WEIGHTS_NAME
 from tests.model_folders import model_folder  # noqa: F401 (a fixture)
@@ -141,7 +141,8 @@ def _finished_run(inputs):
 
 def _unfinished_run(inputs):
     run = inputs.copy(inputs.checkpointed, "run")
-    (run / RECORD_NAME).unlink()
+    (run / RECORD_NAME).unlink()  # a run killed before its end has written neither record nor card
+    (run / CARD_NAME).unlink()
     return finetune_args(inputs.base, inputs.data, run), r"checkpoints of an unfinished run \(up to checkpoint-2\)"
 
 

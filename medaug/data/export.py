@@ -24,6 +24,7 @@ import numpy as np
 
 from medaug.data.folder import METADATA_NAMES, DatasetFolder, is_file_column
 from medaug.data.loading import image_format, read_array, rescale_to_unit
+from medaug.outputs import refuse_foreign_entries, refuse_input_folder
 
 EXPORT_FORMATS = ("imagefolder",)
 # medaug's split names and the folders HF's imagefolder maps to its train / validation / test splits.
@@ -60,12 +61,13 @@ def export_imagefolder(dataset_dir: str | Path, output_dir: str | Path, overwrit
 
 
 def _prepare_output(dataset_root: Path, output_dir: Path, overwrite: bool) -> None:
-    if output_dir.resolve() == dataset_root:
-        raise FileExistsError(f"{output_dir} is the source dataset folder; choose another folder")
+    refuse_input_folder(output_dir, {"DATASET_DIR": dataset_root})
     existing = [output_dir / name for name in METADATA_NAMES]
     existing += [output_dir / split / name for split in ("train", "validation", "val", "test")
                  for name in METADATA_NAMES]
     existing = [path for path in existing if path.exists()]
+    if not existing:  # no dataset of an earlier run here: the folder must hold nothing of the user's
+        refuse_foreign_entries(output_dir, lambda entry: False, "medaug")
     if existing and not overwrite:
         raise FileExistsError(f"{output_dir} already holds a dataset ({existing[0].relative_to(output_dir)}); "
                               "choose another folder or pass overwrite")

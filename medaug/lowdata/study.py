@@ -30,6 +30,7 @@ from pathlib import Path
 from medaug.data.folder import DatasetError, DatasetFolder, is_dataset_folder
 from medaug.data.validation import ValidationSplit, ensure_validation
 from medaug.files import write_json_atomic
+from medaug.outputs import OutputFolderError, refuse_foreign_entries, refuse_input_folder
 from medaug.lowdata.filter import FilterRule, keep_pairs
 from medaug.lowdata.generators import GENERATORS, GeneratorSettings, generate_pairs, train_generator
 from medaug.lowdata.subsets import subset_name, write_nested_subsets
@@ -143,6 +144,12 @@ def open_study(output_dir: Path, data: Path, settings: LowDataSettings) -> None:
     seeds, arms or generators may be asked for: what is finished keeps its meaning, and only what is new runs."""
     recorded = {"data": str(data.resolve()), "settings": json.loads(json.dumps(asdict(settings)))}
     path = output_dir / SETTINGS_FILE
+    if not path.is_file():  # a new study: an empty folder that is not the dataset
+        try:
+            refuse_input_folder(output_dir, {"--data": data})
+            refuse_foreign_entries(output_dir, lambda entry: False, "medaug study")
+        except OutputFolderError as error:
+            raise LowDataStudyError(str(error)) from error
     if path.is_file():
         previous = json.loads(path.read_text())
         changed = sorted(key for key in recorded["settings"] if key not in GROWABLE and

@@ -31,6 +31,7 @@ from medaug.metrics.features import Extractor, extract_features
 from medaug.metrics.imagesets import ImageSet, check_same_channels, load_all, require_images
 from medaug.metrics.memorisation import AUDIT_RESOLUTION, DEFAULT_THRESHOLD, memorisation_audit, thumbnail_vectors
 from medaug.metrics.pca import plot_pca
+from medaug.outputs import refuse_foreign_entries, refuse_input_folder
 
 GRID_IMAGES = 16
 THUMBNAIL_SIZE = 128
@@ -190,6 +191,10 @@ def _no_masks(image_set: ImageSet, name: str) -> str | None:
     return None
 
 
+# What evaluate writes in its folder: a rerun replaces these; anything else there is the user's and refused.
+EVALUATE_ENTRIES = ("metrics.json", "report.html", "pca.png", "features.npz", "fidelity.png", "fidelity_segmenter")
+
+
 def evaluate(real: ImageSet, synthetic: ImageSet, extractor: Extractor, output_dir: str | Path,
              nearest_k: int = 5, kid_subsets: int = 100, kid_subset_size: int = 1000, diversity_pairs: int = 100,
              memorisation_space: str = "pixels", memorisation_threshold: float = DEFAULT_THRESHOLD,
@@ -204,6 +209,8 @@ def evaluate(real: ImageSet, synthetic: ImageSet, extractor: Extractor, output_d
     check_sizes(real, synthetic, nearest_k)
     channels = check_same_channels(real, synthetic)
     output_dir = Path(output_dir)
+    refuse_input_folder(output_dir, {"--real": real.root, "--synthetic": synthetic.root})
+    refuse_foreign_entries(output_dir, lambda entry: entry.name in EVALUATE_ENTRIES, "medaug evaluate")
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
 

@@ -22,6 +22,7 @@ import torch
 from medaug.data import DatasetError, DatasetFolder
 from medaug.data.validation import ValidationSplit, ensure_validation
 from medaug.files import write_json_atomic
+from medaug.outputs import OutputFolderError, refuse_foreign_entries, refuse_input_folder
 from medaug.ssl.policies import Policy, clahe, parse_policies
 from medaug.ssl.pretrain import METHODS, PretrainSettings, initial_encoder, pretrain
 from medaug.ssl.probe import (Classifier, classification_scores, encode, fit_probe, predict, train_supervised)
@@ -210,10 +211,16 @@ def execute_run(run: Run, data_dir: Path, data: LabelledData, settings: SslSetti
     return result
 
 
-def check_settings(output_dir: Path, settings: SslSettings) -> None:
+def check_settings(output_dir: Path, settings: SslSettings, data_dir: Path) -> None:
     """Refuse a study folder made with other settings (methods, policies and seeds may grow)."""
     path = output_dir / SETTINGS_NAME
     current = json.loads(json.dumps(asdict(settings)))
+    if not path.is_file():  # a new study: an empty folder that is not one of its inputs
+        try:
+            refuse_input_folder(output_dir, {"--data": data_dir, "--synthetic": settings.synthetic})
+            refuse_foreign_entries(output_dir, lambda entry: False, "medaug ssl")
+        except OutputFolderError as error:
+            raise SslStudyError(str(error)) from error
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
         added_synthetic = stored.get("synthetic") is None  # a pool arm added to a finished study: more runs
@@ -236,7 +243,7 @@ def run_ssl_study(data_dir: str | Path, output_dir: str | Path, settings: SslSet
         if method not in METHODS:
             raise SslStudyError(f"--method: unknown method '{method}'; expected {', '.join(METHODS)}")
     runs = plan_runs(settings)
-    check_settings(output_dir, settings)
+    check_settings(output_dir, settings, data_dir)
     data = labelled_data(data_dir, settings)
     notes = [data.validation.describe()] if data.validation.carved else []
     notes += synthetic_pool(settings.synthetic, data_dir, settings.allow_unknown_provenance)[1] \

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from medaug.outputs import OutputFolderError, output_lock
+from medaug.outputs import OutputFolderError, output_lock, refuse_foreign_entries
 from medaug.run_record import CARD_NAME, FAMILY_FOLDERS, RECORD_NAME
 from medaug.training.checkpoint import check_checkpoint, list_checkpoints, resolve_checkpoint
 from medaug.training.lora import LORA_WEIGHTS_NAME
@@ -44,12 +45,15 @@ def _finished_run(output_dir: Path) -> str | None:
 
 
 def check_run_folder(output_dir: str | Path, resuming: bool, overwrite: bool) -> None:
-    """Refuse a folder holding another run; with `overwrite`, remove that run's files first."""
+    """Refuse a folder holding another run, or files of the user's and no run; with `overwrite`, remove that
+    run's files first (and nothing else: the user's files beside a run are kept)."""
     output_dir = Path(output_dir)
+    finished, checkpoints = _finished_run(output_dir), list_checkpoints(output_dir)
+    if not finished and not checkpoints:  # no run here: the folder must hold nothing of the user's
+        refuse_foreign_entries(output_dir, _written_by_a_run, "a medaug training run")
     if overwrite:
         remove_run(output_dir)
         return
-    finished, checkpoints = _finished_run(output_dir), list_checkpoints(output_dir)
     if resuming and (checkpoints or not finished):
         return
     if finished:
@@ -60,6 +64,14 @@ def check_run_folder(output_dir: str | Path, resuming: bool, overwrite: bool) ->
         raise OutputFolderError(f"--output_dir: {output_dir} holds checkpoints of an unfinished run (up to "
                                 f"{checkpoints[-1].name}); pass --resume_from_checkpoint latest to continue it, "
                                 "--overwrite to start again, or choose another folder")
+
+
+def _written_by_a_run(entry: Path) -> bool:
+    """Whether a folder entry is something a training run writes; README.md only beside the run record that
+    says a run finished here (a run writes both at its end), else it is the user's."""
+    if entry.name == CARD_NAME:
+        return (entry.parent / RECORD_NAME).is_file()
+    return entry.name in RUN_ENTRIES or re.fullmatch(r"checkpoint-\d+(\.partial)?", entry.name) is not None
 
 
 def remove_run(output_dir: Path) -> None:
