@@ -50,3 +50,24 @@ def test_a_checkpoint_whose_state_disagrees_with_its_folder_is_refused(tmp_path,
     (folder / "training_state.json").write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match=message):
         check_checkpoint(folder)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda result: result.pop("metrics"), r"lacks field\(s\) \['metrics'\]"),
+    (lambda result: result.update(seed="0"), "field 'seed' should be int"),
+])
+def test_a_damaged_bench_run_result_is_refused_naming_the_file_and_field(tmp_path, edit, message):
+    from medaug.segmentation.study import Run, StudyError, load_run_result
+
+    run = Run("real", 1.0, 0.0, 0)
+    path = tmp_path / "runs" / run.run_id / "result.json"
+    path.parent.mkdir(parents=True)
+    result = {"run_id": run.run_id, "arm": "real", "real_fraction": 1.0, "ratio": 0.0, "seed": 0, "n_train_real": 4,
+              "n_train_synthetic": 0, "n_train_synthetic_requested": 0, "steps": 2, "seconds": 0.1,
+              "metrics": {"dice": [0.5]}}
+    path.write_text(json.dumps(result))
+    assert load_run_result(tmp_path, run) == result
+    edit(result)
+    path.write_text(json.dumps(result))
+    with pytest.raises(StudyError, match=message):
+        load_run_result(tmp_path, run)
