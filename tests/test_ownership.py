@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
 
 from medaug.cli import app
-from medaug.demo import DemoError, run_demo
+from medaug.demo import DemoError, open_demo_folder, run_demo
 from medaug.generate import generate
 from medaug.synthetic import remove_generated
 from tests.test_demo import TINY
@@ -99,14 +100,22 @@ def test_generate_overwrite_removes_only_what_generate_wrote(phantom_dir, tiny_m
         generate(None, plain, from_masks=data, overwrite=True, **options)
 
 
-def test_demo_overwrite_removes_its_own_entries_only(tmp_path):
+def test_demo_overwrite_removes_its_own_entries_only(phantom_dir, tmp_path):
     output = tmp_path / "demo"
-    run_demo(output, settings=TINY)
+    open_demo_folder(output, None, TINY, overwrite=False)  # what a demo's first stage finds and records
+    for name in ("base", "synthetic", "segmentation"):
+        (output / name).mkdir()
+        (output / name / "weights").write_text("the demo's")
+    (output / "report.html").write_text("the demo's")
     (output / "notes.txt").write_text("mine")
-    run_demo(output, settings=TINY, overwrite=True)
-    assert (output / "notes.txt").read_text() == "mine" and (output / "report.html").is_file()
+    (output / "mine").mkdir()
+    open_demo_folder(output, None, replace(TINY, seed=1), overwrite=True)
+    assert sorted(path.name for path in output.iterdir()) == ["demo.json", "mine", "notes.txt", "stages"]
+    inside = shutil.copytree(phantom_dir, output / "mine" / "data")  # the user's data in the demo's folder
+    before = checksums(inside)
     with pytest.raises(DemoError, match="lies in --output_dir"):
-        run_demo(tmp_path, data=output / "data", settings=TINY)
+        run_demo(output, data=inside, settings=TINY, overwrite=True)
+    assert checksums(inside) == before
 
 
 def test_a_training_script_keeps_the_user_s_readme(tiny_model_dir, phantom_dir, users_folder):
