@@ -133,11 +133,11 @@ def _classes(folder: DatasetFolder, splits: dict[str, list[int]], label_column: 
         raise StudyError(f"--data {folder.metadata_path}: column '{label_column}' is missing; a classification "
                          f"study needs labels (choose the column with --label_column)")
     for split, rows in splits.items():
-        missing = [i + 1 for i in rows if spells_missing(folder.value(i, label_column))]
+        missing = [i for i in rows if spells_missing(folder.value(i, label_column))]
         if missing:
-            raise StudyError(f"--data {folder.metadata_path}: rows {_shorten(missing)} of split '{split}' spell a "
-                             f"missing value in column '{label_column}' (e.g. '{folder.value(missing[0] - 1, label_column)}'"
-                             "); leave such cells empty or name the class")
+            raise StudyError(f"--data {folder.metadata_path}: rows {_shorten([i + 1 for i in missing])} of split "
+                             f"'{split}' spell a missing value in column '{label_column}' (e.g. "
+                             f"'{folder.value(missing[0], label_column)}'); leave such cells empty or name the class")
         unlabelled = [i + 1 for i in rows if not folder.value(i, label_column)]
         if unlabelled:
             raise StudyError(f"--data {folder.metadata_path}: rows {_shorten(unlabelled)} of split '{split}' have "

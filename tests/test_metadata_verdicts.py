@@ -66,7 +66,8 @@ def test_a_label_that_spells_a_missing_value_is_a_problem_everywhere(tmp_path):
 def test_masks_with_more_than_two_values_are_read_as_one_foreground_and_said_so(tmp_path):
     root = image_folder(tmp_path / "d", mask_values=(0, 1, 2, 3))
     code, output = inspect(root)
-    expected = "10 mask(s) hold more than two values (as many as 4; first masks/0.png); medaug reads every value above 0"
+    expected = ("10 mask(s) hold more than two values (as many as 4; first masks/0.png); medaug reads every value "
+                "above 0")
     assert code == 0 and expected in output
     assert any(expected in note for note in load_study_data("seg", root).notes)
 

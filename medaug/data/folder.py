@@ -253,8 +253,8 @@ def mask_notices(folder: DatasetFolder, scan: ScanResult) -> dict[str, str]:
     notices = {}
     levels = {index: stats.mask_levels for index, stats in scan.stats.items() if stats.mask_levels > 2}
     if levels:
-        first = min(levels)
-        notices["levels"] = (f"{len(levels)} mask(s) hold more than two values (as many as {max(levels.values())}; first "
+        first, most = min(levels), max(levels.values())
+        notices["levels"] = (f"{len(levels)} mask(s) hold more than two values (as many as {most}; first "
                              f"{folder.value(first, 'mask_file_name')}); medaug reads every value above 0 as one "
                              "foreground (a multi-class mask becomes binary)")
     by_split: dict[str, list[float]] = {}

@@ -3,8 +3,8 @@
 The fractions share one draw: within each label, patients (or rows, where there is no `patient_id`) are put in one
 seeded order, and a fraction takes the first round(fraction x n) of them. So the 10% subset lies inside the 25%
 one, which lies inside 100%, and a patient's images are never split between a subset and what it left out. Every
-val and test row is kept (a source without val rows has them carved from train first), and the files are copied, so a generator trained on a subset's folder cannot read a
-training row outside it.
+val and test row is kept (a source without val rows has them carved from train first), and the files are
+copied, so a generator trained on a subset's folder cannot read a training row outside it.
 """
 
 from __future__ import annotations
