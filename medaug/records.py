@@ -4,11 +4,16 @@ key is refused in one line naming the file and the field, instead of a KeyError 
 
 from __future__ import annotations
 
+import json
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 # Annotation text (the modules use `from __future__ import annotations`) -> the JSON types it accepts.
 JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,),
               "list": (list,)}
+
+
+RERUN_ADVICE = "; delete that run's folder to train it again"
 
 
 class RecordError(ValueError):
@@ -45,3 +50,23 @@ def check_types(values: dict, annotations: dict[str, str], where: str) -> None:
         if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
             raise RecordError(f"{where}: field '{name}' should be {' or '.join(options)}, "
                               f"got {type(value).__name__} {value!r:.60}")
+
+
+def read_record(path: str | Path, required: dict[str, str], advice: str = "") -> dict:
+    """A JSON object medaug wrote earlier (a run's result.json, a study's pairs.json), with every `required` field
+    present and of its type ('int', 'dict', 'str | None'...); RecordError naming the file and field otherwise,
+    followed by `advice` (what to do about it)."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RecordError(f"{path}: not readable JSON ({error}){advice}") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"{path}: expected a JSON object, got {type(record).__name__}{advice}")
+    missing = [name for name in required if name not in record]
+    if missing:
+        raise RecordError(f"{path}: lacks field(s) {missing}{advice}")
+    try:
+        check_types(record, required, str(path))
+    except RecordError as error:
+        raise RecordError(f"{error}{advice}") from None
+    return record

@@ -24,7 +24,7 @@ import numpy as np
 from medaug.data import FIT_MODES
 from medaug.files import write_json_atomic
 from medaug.outputs import OutputFolderError, refuse_foreign_entries, refuse_input_folder
-from medaug.records import RecordError, check_types
+from medaug.records import RERUN_ADVICE, RecordError, read_record
 from medaug.segmentation.arms import ARMS, SYNTHETIC_ARMS, arm_spec
 from medaug.segmentation.inputs import StudyData, StudyError, load_study_data
 from medaug.segmentation.networks import DEFAULT_NETWORK, check_resolution, network_spec
@@ -273,20 +273,9 @@ def load_run_result(output_dir: Path, run: Run) -> dict | None:
     if not path.is_file():
         return None
     try:
-        result = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # cannot happen with atomic writes, but a damaged file means: run again
-    advice = "; delete that run's folder to train it again"
-    if not isinstance(result, dict):
-        raise StudyError(f"{path}: expected a JSON object, got {type(result).__name__}{advice}")
-    missing = [name for name in RESULT_FIELDS if name not in result]
-    if missing:
-        raise StudyError(f"{path}: lacks field(s) {missing}{advice}")
-    try:
-        check_types(result, RESULT_FIELDS, str(path))
+        return read_record(path, RESULT_FIELDS, RERUN_ADVICE)
     except RecordError as error:
-        raise StudyError(f"{error}{advice}") from None
-    return result
+        raise StudyError(str(error)) from None
 
 
 def overlay_items(test: list[dict], count: int = OVERLAY_IMAGES) -> list[dict]:

@@ -71,3 +71,21 @@ def test_a_damaged_bench_run_result_is_refused_naming_the_file_and_field(tmp_pat
     path.write_text(json.dumps(result))
     with pytest.raises(StudyError, match=message):
         load_run_result(tmp_path, run)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "not readable JSON"),
+    ("[1]", "expected a JSON object, got list"),
+    ('{"generator": "pix2pix", "generated": {}, "fidelity": {}, "dice": [], "filter": null, "kept": []}',
+     r"lacks field\(s\) \['run_dir'\]"),
+    ('{"generator": "pix2pix", "run_dir": "r", "generated": 4, "fidelity": {}, "dice": [], "filter": null, '
+     '"kept": []}', "field 'generated' should be dict"),
+])
+def test_a_study_s_stage_record_is_checked_when_read_back(tmp_path, text, message):
+    from medaug.lowdata.study import PAIRS_FIELDS, LowDataStudyError, _read_back
+
+    (tmp_path / "pairs.json").write_text(text)
+    with pytest.raises(LowDataStudyError, match=message) as caught:
+        _read_back(tmp_path / "pairs.json", PAIRS_FIELDS, "; delete that folder")
+    assert str(caught.value).startswith(str(tmp_path / "pairs.json"))
+    assert str(caught.value).endswith("delete that folder")

@@ -31,6 +31,7 @@ from medaug.data.folder import DatasetError, DatasetFolder, is_dataset_folder
 from medaug.data.validation import ValidationSplit, ensure_validation
 from medaug.files import write_json_atomic
 from medaug.outputs import OutputFolderError, refuse_foreign_entries, refuse_input_folder
+from medaug.records import RERUN_ADVICE, RecordError, read_record
 from medaug.lowdata.filter import FilterRule, keep_pairs
 from medaug.lowdata.generators import GENERATORS, GeneratorSettings, generate_pairs, train_generator
 from medaug.lowdata.subsets import subset_name, write_nested_subsets
@@ -196,7 +197,7 @@ def synthetic_pairs(generator: str, subset: Path, work: Path, synthetic_dir: Pat
 
     record_path = synthetic_dir / "pairs.json"
     if record_path.is_file():
-        return json.loads(record_path.read_text())
+        return _read_back(record_path, PAIRS_FIELDS, "; delete that folder to generate its pairs again")
     run_dir = train_generator(generator, subset, work, settings.generator, unlabelled)
     # With a filter, generate twice as many so that about as many remain after it.
     count = wanted * (2 if settings.filter else 1)
@@ -217,6 +218,21 @@ def synthetic_pairs(generator: str, subset: Path, work: Path, synthetic_dir: Pat
     return record
 
 
+# What the study reads back from a finished stage, checked before the summary trusts it.
+PAIRS_FIELDS = {"generator": "str", "run_dir": "str", "generated": "dict", "fidelity": "dict", "dice": "list",
+                "filter": "dict | None", "kept": "list"}
+RESULT_FIELDS = {"arm": "str", "generator": "str | None", "real_fraction": "float", "draw": "int", "seed": "int",
+                 "n_real": "int", "n_synthetic": "int", "steps": "int", "seconds": "float", "per_image": "dict",
+                 "metrics": "dict", "history": "dict"}
+
+
+def _read_back(path: Path, fields: dict[str, str], advice: str) -> dict:
+    try:
+        return read_record(path, fields, advice)
+    except RecordError as error:
+        raise LowDataStudyError(str(error)) from None
+
+
 def run_arm(arm: Arm, seed: int, data, synthetic: list[dict], settings: LowDataSettings, run_dir: Path,
             draw: int = 0) -> dict:
     """Train one arm at one seed for `seg_steps` optimiser steps and score it on the real test split."""
@@ -225,7 +241,7 @@ def run_arm(arm: Arm, seed: int, data, synthetic: list[dict], settings: LowDataS
 
     result_path = run_dir / "result.json"
     if result_path.is_file():
-        return json.loads(result_path.read_text())
+        return _read_back(result_path, RESULT_FIELDS, RERUN_ADVICE)
     recipe = settings.seg_recipe()
     extra = synthetic_sample(synthetic, round(settings.synthetic_ratio * len(data.train)), seed) if arm.generator \
         else []

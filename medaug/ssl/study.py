@@ -22,6 +22,7 @@ import torch
 from medaug.data import DatasetError, DatasetFolder
 from medaug.data.validation import ValidationSplit, ensure_validation
 from medaug.files import write_json_atomic
+from medaug.records import RERUN_ADVICE, RecordError, read_record
 from medaug.outputs import OutputFolderError, refuse_foreign_entries, refuse_input_folder
 from medaug.ssl.policies import Policy, clahe, parse_policies
 from medaug.ssl.pretrain import METHODS, PretrainSettings, initial_encoder, pretrain
@@ -232,6 +233,18 @@ def check_settings(output_dir: Path, settings: SslSettings, data_dir: Path) -> N
     write_json_atomic(path, current, indent=1)
 
 
+# What a finished run's result.json must hold for the summary.
+RESULT_FIELDS = {"run": "str", "method": "str", "policy": "str", "augmentations": "list", "pool": "str", "seed": "int",
+                 "scores": "dict", "seconds": "float"}
+
+
+def read_back(path: Path) -> dict:
+    try:
+        return read_record(path, RESULT_FIELDS, RERUN_ADVICE)
+    except RecordError as error:
+        raise SslStudyError(str(error)) from None
+
+
 def run_ssl_study(data_dir: str | Path, output_dir: str | Path, settings: SslSettings, device: str = "cpu",
                   on_run: Callable[[int, int, str], None] | None = None) -> dict:
     """Run (or resume) the study; return the summary also written to summary.json and report.html."""
@@ -254,7 +267,7 @@ def run_ssl_study(data_dir: str | Path, output_dir: str | Path, settings: SslSet
         if on_run is not None:
             on_run(number, len(runs), run.name)
         path = output_dir / "runs" / run.name / "result.json"
-        results.append(json.loads(path.read_text()) if path.is_file()
+        results.append(read_back(path) if path.is_file()
                        else execute_run(run, data_dir, data, settings, output_dir, pools, device))
     summary = summarise(results, class_counts(data), data.classes, settings, notes, data.validation)
     write_json_atomic(output_dir / "summary.json", summary, indent=1)
