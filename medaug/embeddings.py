@@ -117,14 +117,29 @@ def _is_nested(value) -> bool:
     return len(value) > 0 and np.ndim(value[0]) > 0
 
 
+WRITTEN_BY = "medaug embed"  # safetensors metadata: whose file it is
+
+
 def save_embeddings(path: str | Path, embeddings: dict[str, np.ndarray]) -> Path:
     """Write {file_name: array} as safetensors (the format `--embeddings_file` reads first)."""
     from safetensors.numpy import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({key: np.ascontiguousarray(value, dtype=np.float32) for key, value in embeddings.items()}, str(path))
+    save_file({key: np.ascontiguousarray(value, dtype=np.float32) for key, value in embeddings.items()}, str(path),
+              metadata={"written_by": WRITTEN_BY})
     return path
+
+
+def written_by_medaug(path: str | Path) -> bool:
+    """Whether a file is an embeddings file `save_embeddings` wrote (so `medaug embed` may replace it)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return (handle.metadata() or {}).get("written_by") == WRITTEN_BY
+    except (SafetensorError, OSError):
+        return False
 
 
 def check_embeddings(

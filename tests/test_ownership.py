@@ -48,6 +48,7 @@ def invoke(*args):
     ["ssl", "--data", "D", "--output_dir", "O", "--steps", "1", "--resolution", "32"],
     ["demo", "--data", "D", "--output_dir", "O", "--overwrite"],
     ["edges", "D", "--output_dir", "O", "--overwrite"],
+    ["train-encoder", "D", "--output_dir", "O", "--max_train_steps", "1", "--resolution", "32"],
 ])
 def test_a_folder_of_the_user_s_is_refused_and_left_as_it_was(command, phantom_dir, users_folder):
     before, data = checksums(users_folder), checksums(phantom_dir)
@@ -127,3 +128,16 @@ def test_a_training_script_keeps_the_user_s_readme(tiny_model_dir, phantom_dir, 
                                                 "training run did not write"):
         finetuned_folder(tiny_model_dir, phantom_dir, users_folder)
     assert checksums(users_folder) == before
+
+
+def test_embed_replaces_its_own_file_and_refuses_the_user_s(phantom_dir, tiny_model_dir, tmp_path):
+    encoder = tiny_model_dir / "image_encoder"
+    output = tmp_path / "v.safetensors"
+    for _ in range(2):  # a rerun replaces what embed wrote
+        code, text = invoke("embed", phantom_dir, "--model_path", encoder, "--output", output)
+        assert code == 0, text
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"the user's file")
+    code, text = invoke("embed", phantom_dir, "--model_path", encoder, "--output", mine)
+    assert code == 2 and "was not written by medaug embed" in text
+    assert mine.read_bytes() == b"the user's file"

@@ -34,13 +34,17 @@ def embed_command(
 ) -> None:
     """Compute image embeddings with a local vision model, or import precomputed ones, keyed by file_name."""
     from medaug.data import DatasetError, DatasetFolder
-    from medaug.embeddings import EmbeddingError, import_embeddings, parse_shape, save_embeddings
+    from medaug.embeddings import (EmbeddingError, import_embeddings, parse_shape, save_embeddings,
+                                   written_by_medaug)
 
     if (model_path is None) == (import_file is None):
         fail("give exactly one of --model_path (compute) or --import_file (import)")
     if output.suffix != ".safetensors":
         fail(f"--output: {output} must end in .safetensors")
     writable_folder(output.parent, "--output")
+    if output.exists() and not written_by_medaug(output):
+        fail(f"--output: {output} exists and was not written by medaug embed; medaug replaces only its own output, "
+             "so choose a new file name")
     try:
         folder = DatasetFolder(dataset_dir)
         rows = folder.indices(split)

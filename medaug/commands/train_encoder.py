@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from medaug.console import console, fail, progress_bar
-from medaug.outputs import output_lock
+from medaug.outputs import OutputFolderError, output_lock, refuse_foreign_entries, refuse_input_folder
 
 
 def train_encoder_command(
@@ -45,6 +45,12 @@ def train_encoder_command(
 
     if (output_dir / "config.json").exists() and not overwrite:
         fail(f"--output_dir: {output_dir} already holds an encoder; choose another folder or pass --overwrite")
+    try:
+        refuse_input_folder(output_dir, {"DATASET_DIR": dataset_dir})
+        if not (output_dir / "config.json").exists():  # no encoder here: nothing of the user's may be
+            refuse_foreign_entries(output_dir, lambda entry: False, "medaug train-encoder")
+    except OutputFolderError as error:
+        fail(str(error))
     if max_images is not None and max_train_samples not in (None, max_images):
         fail("--max_images is the old name of --max_train_samples; give one")
     max_train_samples = max_train_samples if max_train_samples is not None else max_images
