@@ -1,10 +1,12 @@
 """Read the real and synthetic folders of a study into data items, refusing bad input before any training.
 
 Refused, each with the flag, folder, row or file at fault: an unreadable folder or file, a mask of another
-size than its image, an empty train or test split, a segmentation study whose synthetic rows lack masks,
-a classification study with unlabelled rows, synthetic labels the real set lacks, a test image that is also
-a training image (same path, same bytes or same `patient_id`), synthetic images generated from
-test-split sources (by `manifest.jsonl`), and synthetic rows of unknown provenance.
+size than its image, an empty train or test split, a train or test split whose masks are all empty (segmentation),
+a segmentation study whose synthetic rows lack masks, a classification study with unlabelled rows or labels that
+spell a missing value, synthetic labels the real set lacks, a test image that is also a training image (same path,
+same bytes or same `patient_id`), synthetic images generated from test-split sources (by `manifest.jsonl`,
+compared by identity: normalised split and name, and the source image's hash), and synthetic rows of unknown
+provenance. A dataset without a val split gets the one carve of `medaug.data.validation`, said in the notes.
 
 Provenance is all-or-nothing: every synthetic row needs a manifest line naming its source, the source's split and
 the run, whose recorded hashes match the image (and mask) now in the folder, so rows merged in from another folder
