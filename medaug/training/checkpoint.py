@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medaug.files import safetensors_problem
-from medaug.records import RecordError, check_types
+from medaug.records import RecordError, read_record
 
 STATE_FILE = "training_state.json"
 STATE_FIELDS = {"step": "int", "configuration": "dict", "optimizer": "dict", "lr_scheduler": "dict"}
@@ -92,17 +92,9 @@ def check_checkpoint(directory: Path) -> None:
 
 def _read_state(path: Path) -> dict:
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not readable JSON ({error}); the checkpoint is damaged") from None
-    missing = [key for key in ("step", "configuration", "optimizer", "lr_scheduler")
-               if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise CheckpointError(f"{path}: lacks {', '.join(missing)}; the checkpoint is damaged")
-    try:
-        check_types(state, STATE_FIELDS, str(path))
+        state = read_record(path, STATE_FIELDS, "; the checkpoint is damaged or was edited")
     except RecordError as error:
-        raise CheckpointError(f"{error}; the checkpoint is damaged or was edited") from None
+        raise CheckpointError(str(error)) from None
     named = re.fullmatch(r"checkpoint-(\d+)", path.parent.name)
     if state["step"] < 0 or named and int(named.group(1)) != state["step"]:
         raise CheckpointError(f"{path}: field 'step' says {state['step']}, but the checkpoint folder is "
