@@ -182,7 +182,7 @@ def test_a_record_replays_only_with_the_script_that_wrote_it(tmp_path):
     record.write_text(json.dumps({"script": "train_controlnet", "version": 2, "base_model": "x",
                                   "arguments": {"rank": 4}}))
     with pytest.raises(ValueError, match="records a train_controlnet run; replay it with "
-                                         "train_scripts/train_controlnet.py"):
+                                         "python -m medaug.scripts.train_controlnet$"):
         finetune.parse_args(["--config", str(record)])
 
 

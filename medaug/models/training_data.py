@@ -115,7 +115,7 @@ def log_validation(args, step: int, model, folder: DatasetFolder, class_names: l
 
 
 def generator_run_record(args, generator: str, channels: int, class_names: list[str], global_step: int):
-    """The run record of a generator family trained from nothing by train_scripts/train_<generator>.py (always
+    """The run record of a generator family trained from nothing by `medaug.scripts.train_<generator>` (always
     fp32, no base model)."""
     from medaug.run_record import RunRecord
 

@@ -140,8 +140,7 @@ def read_config(path: str | Path, script: str | None = None) -> dict:
     if is_run_record(data):
         if script is not None and data["script"] != script:
             raise ValueError(f"--config: {path} records a {data['script']} run; replay it with "
-                             f"train_scripts/{data['script']}.py (installed: python -m "
-                             f"medaug.scripts.{data['script']})")
+                             f"python -m medaug.scripts.{data['script']}")
         return {key: value for key, value in data["arguments"].items() if key != "config"}
     return data
 
