@@ -303,12 +303,13 @@ def open_demo_folder(output_dir: Path, data: Path | None, settings: DemoSettings
 
 def has_val_rows(data: Path) -> bool:
     from medaug.data import DatasetError, DatasetFolder
+    from medaug.data.validation import val_rows
 
     try:
         folder = DatasetFolder(data)
     except DatasetError as error:
         raise DemoError(f"--data: {error}") from error
-    return any(folder.split(i) == "val" for i in range(len(folder)))
+    return bool(val_rows(folder))
 
 
 def run_demo(output_dir: str | Path, data: str | Path | None = None, settings: DemoSettings | None = None,

@@ -222,7 +222,7 @@ def _prepare_output(dataset_root: Path, output_dir: Path, overwrite: bool) -> No
     refuse_input_folder(output_dir, {"DATASET_DIR": dataset_root})
     existing = [output_dir / name for name in METADATA_NAMES if (output_dir / name).exists()]
     if not existing:  # no dataset of an earlier run here: the folder must hold nothing of the user's
-        refuse_foreign_entries(output_dir, lambda entry: False, "medaug")
+        refuse_foreign_entries(output_dir, "medaug")
     if existing and not overwrite:
         raise FileExistsError(f"{output_dir} already holds a dataset ({existing[0].name}); "
                               "choose another folder or pass overwrite")

@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,22 +47,25 @@ def folder_entries(path: Path) -> list[Path]:
     return [entry for entry in path.iterdir() if entry.name != LOCK_NAME] if path.is_dir() else []
 
 
-def refuse_input_folder(output_dir: str | Path, inputs: dict[str, str | Path | None], flag: str = "--output_dir"
-                        ) -> None:
+def refuse_input_folder(output_dir: str | Path,
+                        inputs: dict[str, str | Path | None] | Iterable[tuple[str, str | Path | None]],
+                        flag: str = "--output_dir") -> None:
     """medaug never writes into a folder it reads: an output folder that is one of the command's input folders
-    (resolved, so no spelling of the path gets through) is refused, whatever --overwrite says."""
+    (resolved, so no spelling of the path gets through) is refused, whatever --overwrite says. `inputs`: {flag:
+    folder}, or (flag, folder) pairs where a flag is given more than once."""
     output = Path(output_dir).expanduser().resolve()
-    for input_flag, path in inputs.items():
+    for input_flag, path in inputs.items() if isinstance(inputs, dict) else inputs:
         if path is not None and str(path) and Path(path).expanduser().resolve() == output:
             raise OutputFolderError(f"{flag}: {output_dir} is the {input_flag} folder; medaug never writes into "
                                     "a folder it reads, choose another one")
 
 
-def refuse_foreign_entries(output_dir: str | Path, ours: Callable[[Path], bool], what: str,
+def refuse_foreign_entries(output_dir: str | Path, what: str, ours: Callable[[Path], bool] | None = None,
                            flag: str = "--output_dir") -> None:
-    """Refuse a folder holding anything `ours` does not recognise as `what`'s own output: medaug deletes or
-    replaces only what it can prove it wrote, so it never works in a folder of the user's files."""
-    foreign = sorted(entry.name for entry in folder_entries(Path(output_dir)) if not ours(entry))
+    """Refuse a folder holding anything `ours` does not recognise as `what`'s own output (without `ours`: a folder
+    that is not empty): medaug deletes or replaces only what it can prove it wrote, so it never works in a folder
+    of the user's files."""
+    foreign = sorted(entry.name for entry in folder_entries(Path(output_dir)) if ours is None or not ours(entry))
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise OutputFolderError(f"{flag}: {output_dir} holds {shown}, which {what} did not write; medaug replaces "

@@ -253,10 +253,9 @@ def refuse_new_output(output_dir: Path, settings: dict) -> None:
     """A new study goes into an empty folder that is none of its inputs (results.json, report.html... would
     replace the user's files of those names)."""
     try:
-        refuse_input_folder(output_dir, {"--data": settings["data"]})
-        for synthetic in settings["synthetic"]:
-            refuse_input_folder(output_dir, {"--synthetic": synthetic})
-        refuse_foreign_entries(output_dir, lambda entry: False, "medaug bench")
+        refuse_input_folder(output_dir, [("--data", settings["data"]),
+                                         *(("--synthetic", synthetic) for synthetic in settings["synthetic"])])
+        refuse_foreign_entries(output_dir, "medaug bench")
     except OutputFolderError as error:
         raise StudyError(str(error)) from error
 

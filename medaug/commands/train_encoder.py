@@ -48,7 +48,7 @@ def train_encoder_command(
     try:
         refuse_input_folder(output_dir, {"DATASET_DIR": dataset_dir})
         if not (output_dir / "config.json").exists():  # no encoder here: nothing of the user's may be
-            refuse_foreign_entries(output_dir, lambda entry: False, "medaug train-encoder")
+            refuse_foreign_entries(output_dir, "medaug train-encoder")
     except OutputFolderError as error:
         fail(str(error))
     if max_images is not None and max_train_samples not in (None, max_images):

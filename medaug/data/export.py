@@ -67,7 +67,7 @@ def _prepare_output(dataset_root: Path, output_dir: Path, overwrite: bool) -> No
                  for name in METADATA_NAMES]
     existing = [path for path in existing if path.exists()]
     if not existing:  # no dataset of an earlier run here: the folder must hold nothing of the user's
-        refuse_foreign_entries(output_dir, lambda entry: False, "medaug")
+        refuse_foreign_entries(output_dir, "medaug")
     if existing and not overwrite:
         raise FileExistsError(f"{output_dir} already holds a dataset ({existing[0].relative_to(output_dir)}); "
                               "choose another folder or pass overwrite")

@@ -54,7 +54,7 @@ class ValidationSplit:
 def ensure_validation(folder: DatasetFolder, label_column: str = "label", log: bool = True) -> ValidationSplit:
     """Give `folder` a val split: its own, or where it has none the carve (in memory, said in the log). Raises
     DatasetError, naming the folder, when there is neither a val split nor enough train rows to carve one."""
-    own = [i for i in range(len(folder)) if folder.split(i) == "val"]
+    own = val_rows(folder)
     if own:
         return ValidationSplit(tuple(folder.value(i, "file_name") for i in own))
     train = [i for i in range(len(folder)) if folder.split(i) == "train"]
@@ -68,6 +68,11 @@ def ensure_validation(folder: DatasetFolder, label_column: str = "label", log: b
     if log:  # a stage that carves again what an earlier one announced passes log=False
         logger.warning("%s: %s", folder.root, validation.describe())
     return validation
+
+
+def val_rows(folder: DatasetFolder) -> list[int]:
+    """The rows the folder itself puts in its val split (none: a command that needs one carves it)."""
+    return [i for i in range(len(folder)) if folder.split(i) == "val"]
 
 
 def carve_rows(folder: DatasetFolder, train: list[int], label_column: str = "label") -> list[int]:

@@ -148,7 +148,7 @@ def open_study(output_dir: Path, data: Path, settings: LowDataSettings) -> None:
     if not path.is_file():  # a new study: an empty folder that is not the dataset
         try:
             refuse_input_folder(output_dir, {"--data": data})
-            refuse_foreign_entries(output_dir, lambda entry: False, "medaug study")
+            refuse_foreign_entries(output_dir, "medaug study")
         except OutputFolderError as error:
             raise LowDataStudyError(str(error)) from error
     if path.is_file():

@@ -210,7 +210,7 @@ def evaluate(real: ImageSet, synthetic: ImageSet, extractor: Extractor, output_d
     channels = check_same_channels(real, synthetic)
     output_dir = Path(output_dir)
     refuse_input_folder(output_dir, {"--real": real.root, "--synthetic": synthetic.root})
-    refuse_foreign_entries(output_dir, lambda entry: entry.name in EVALUATE_ENTRIES, "medaug evaluate")
+    refuse_foreign_entries(output_dir, "medaug evaluate", lambda entry: entry.name in EVALUATE_ENTRIES)
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
 

@@ -219,7 +219,7 @@ def check_settings(output_dir: Path, settings: SslSettings, data_dir: Path) -> N
     if not path.is_file():  # a new study: an empty folder that is not one of its inputs
         try:
             refuse_input_folder(output_dir, {"--data": data_dir, "--synthetic": settings.synthetic})
-            refuse_foreign_entries(output_dir, lambda entry: False, "medaug ssl")
+            refuse_foreign_entries(output_dir, "medaug ssl")
         except OutputFolderError as error:
             raise SslStudyError(str(error)) from error
     if path.is_file():

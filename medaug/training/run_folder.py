@@ -50,7 +50,7 @@ def check_run_folder(output_dir: str | Path, resuming: bool, overwrite: bool) ->
     output_dir = Path(output_dir)
     finished, checkpoints = _finished_run(output_dir), list_checkpoints(output_dir)
     if not finished and not checkpoints:  # no run here: the folder must hold nothing of the user's
-        refuse_foreign_entries(output_dir, _written_by_a_run, "a medaug training run")
+        refuse_foreign_entries(output_dir, "a medaug training run", _written_by_a_run)
     if overwrite:
         remove_run(output_dir)
         return
