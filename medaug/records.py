@@ -23,19 +23,27 @@ class RecordError(ValueError):
 def checked_fields(raw: object, kind: type, where: str, allow_unknown: bool = False) -> dict:
     """`raw` as keyword arguments of the dataclass `kind`, after checking it is an object holding every field
     without a default, each of its annotated type; unknown keys are refused unless `allow_unknown` (then dropped)."""
-    if not isinstance(raw, dict):
-        raise RecordError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     known = {item.name: item for item in fields(kind)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown and not allow_unknown:
-        raise RecordError(f"{where}: unknown field(s) {unknown}")
-    missing = [name for name, item in known.items()
-               if name not in raw and item.default is MISSING and item.default_factory is MISSING]
-    if missing:
-        raise RecordError(f"{where}: lacks field(s) {missing}")
-    check_types({name: raw[name] for name in raw if name in known},
-                {name: str(item.type) for name, item in known.items()}, where)
+    if isinstance(raw, dict) and not allow_unknown and set(raw) - set(known):
+        raise RecordError(f"{where}: unknown field(s) {sorted(set(raw) - set(known))}")
+    required = [name for name, item in known.items() if item.default is MISSING and item.default_factory is MISSING]
+    check_record(raw, required, {name: str(item.type) for name, item in known.items()}, where)
     return {name: value for name, value in raw.items() if name in known}
+
+
+def check_record(record: object, required: list[str], annotations: dict[str, str], where: str,
+                 advice: str = "") -> None:
+    """`record` is a JSON object holding every `required` field, and each field of the type its annotation names;
+    RecordError naming `where` and the field otherwise, followed by `advice` (what to do about it)."""
+    if not isinstance(record, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(record).__name__}{advice}")
+    missing = [name for name in required if name not in record]
+    if missing:
+        raise RecordError(f"{where}: lacks field(s) {missing}{advice}")
+    try:
+        check_types(record, annotations, where)
+    except RecordError as error:
+        raise RecordError(f"{error}{advice}") from None
 
 
 def check_types(values: dict, annotations: dict[str, str], where: str) -> None:
@@ -60,13 +68,5 @@ def read_record(path: str | Path, required: dict[str, str], advice: str = "") ->
         record = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RecordError(f"{path}: not readable JSON ({error}){advice}") from None
-    if not isinstance(record, dict):
-        raise RecordError(f"{path}: expected a JSON object, got {type(record).__name__}{advice}")
-    missing = [name for name in required if name not in record]
-    if missing:
-        raise RecordError(f"{path}: lacks field(s) {missing}{advice}")
-    try:
-        check_types(record, required, str(path))
-    except RecordError as error:
-        raise RecordError(f"{error}{advice}") from None
+    check_record(record, list(required), required, str(path), advice)
     return record
