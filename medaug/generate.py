@@ -231,7 +231,7 @@ def _write_job(output_dir: Path, plan: Plan, job: Job, image: np.ndarray, mask: 
     append_manifest(output_dir, ManifestEntry(
         file_name=job.file_name, seed=job.seed, model_dir=plan.settings["model_dir"],
         mask_file_name=job.mask_file_name, source_dataset=plan.settings["source_dir"] or "",
-        source_file_name=source.file_name, source_split=source.split, source_sha256=source.image_sha256(),
+        source_file_name=source.file_name, source_split=source.split, source_sha256=source.image_sha256,
         prompt=prompt,
         condition_hash=condition_hash, sha256=sha256, mask_sha256=mask_sha256, extra=extra))
 

@@ -9,6 +9,7 @@ so generation sees edges exactly as training did.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,10 @@ class Source:
     edge_method: str | None = None  # None: a precomputed edge map (EDGE_COLUMN, or edge_file)
     edge_file: Path | None = None
 
+    @cached_property
     def image_sha256(self) -> str:
         """The hash of the source row's image file ("" where there is no row), so a study can recognise a test
-        image by its bytes whatever its name or split are spelled as."""
+        image by its bytes whatever its name or split are spelled as; read once however many images it gives."""
         from medaug.data.manifest import file_sha256
 
         if self.folder is None or self.row is None:
