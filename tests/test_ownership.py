@@ -12,6 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from medaug.cli import app
+from medaug.data import read_manifest
+from medaug.data.manifest import file_sha256
 from medaug.demo import DemoError, open_demo_folder, run_demo
 from medaug.generate import generate
 from medaug.synthetic import remove_generated
@@ -89,8 +91,6 @@ def test_generate_overwrite_removes_only_what_generate_wrote(phantom_dir, tiny_m
     assert checksums(data) == before  # the dataset generate reads is never its output
     output = tmp_path / "synthetic"
     generate(None, output, from_masks=data, **options)
-    from medaug.data import read_manifest
-    from medaug.data.manifest import file_sha256
     assert all(entry.source_sha256 == file_sha256(data / entry.source_file_name) for entry in read_manifest(output))
     (output / "images" / "mine.png").write_bytes(b"the user's image")
     (output / "notes.txt").write_text("mine")
